@@ -1,0 +1,272 @@
+"""Typed run configuration: dataclasses, YAML presets, dotted command-line overrides.
+
+One `RunConfig` describes a whole run (task, collection, data, policy, training, evaluation). Presets in
+`configs/<task>_<obs>_<net>.yaml` override the dataclass defaults; `a.b=value` strings override the preset.
+We use OmegaConf structured configs for the merge because it type-checks every value against the
+dataclass and rejects unknown keys; everything downstream sees plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A preset, override or config value is wrong; the message names the key."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "trajectory2d"
+    # Task-specific constructor arguments (e.g. observation type); each task documents its own.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CollectConfig:
+    n_episodes: int = 200
+    seed: int = 0  # episodes use seeds seed, seed+1, ...; evaluation seeds must not overlap
+    n_workers: int = 1
+    keep_failed: bool = False
+    output: str = ""  # EpisodeStore path; "" -> <run_dir>/demos.zarr
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # EpisodeStore to train on; "" -> <run_dir>/demos.zarr
+    action_key: str = "action"
+    val_ratio: float = 0.05
+    max_train_episodes: int | None = None
+    split_seed: int = 42
+    # Steps of edge padding after an episode's end; None -> n_action_steps - 1 (see data/sequence.py).
+    pad_after: int | None = None
+    cache_in_memory: bool = True
+
+
+@dataclass
+class UnetConfig:
+    down_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 256
+    cond_predict_scale: bool = True  # FiLM scale and bias (False: bias only)
+
+
+@dataclass
+class TransformerConfig:
+    n_layer: int = 8
+    n_head: int = 4
+    n_emb: int = 256
+    p_drop_emb: float = 0.0
+    p_drop_attn: float = 0.3
+    causal_attn: bool = True
+    n_cond_layers: int = 0  # >0: transformer encoder over condition tokens, else an MLP
+
+
+@dataclass
+class NoiseSchedulerConfig:
+    num_train_timesteps: int = 100
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+    prediction_type: str = "epsilon"  # epsilon | sample
+    sampler: str = "ddpm"  # ddpm | ddim  (inference only; training always uses the DDPM forward process)
+    num_inference_steps: int = 100
+
+
+@dataclass
+class VisionConfig:
+    backbone: str = "resnet18"
+    pretrained_weights: str | None = None  # a local torchvision state-dict file; never downloaded
+    use_group_norm: bool = True
+    crop_shape: list[int] | None = field(default_factory=lambda: [84, 84])
+    share_backbone: bool = False
+    num_keypoints: int = 32
+    feature_dim: int = 64
+
+
+@dataclass
+class PolicyConfig:
+    type: str = "diffusion"  # diffusion | mse_bc
+    net: str = "unet"  # unet | transformer
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    obs_as_global_cond: bool = True  # False: inpainting conditioning (obs features inside the trajectory)
+    unet: UnetConfig = field(default_factory=UnetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    # Per-key normalization mode override (minmax | gaussian | image | identity); defaults: minmax for
+    # low-dim keys and the action, image for rgb keys.
+    normalization: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75
+    min_value: float = 0.0
+    max_value: float = 0.9999
+    update_after_step: int = 0
+
+
+@dataclass
+class TrainConfig:
+    num_steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 1e-6  # noise network (the transformer preset uses 1e-3)
+    obs_encoder_weight_decay: float = 1e-6
+    warmup_steps: int = 500
+    lr_schedule: str = "cosine"  # cosine | constant
+    grad_clip_norm: float = 1.0  # <= 0 disables clipping
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    log_every: int = 50
+    val_every: int = 500
+    eval_every: int = 0  # closed-loop evaluation during training; 0 = only the final one
+    eval_episodes: int = 10  # rollouts per periodic evaluation (the final one uses eval.n_episodes)
+    checkpoint_every: int = 1000
+    top_k: int = 3
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: str = "no"  # no | bf16
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    n_episodes: int = 50
+    seed: int = 100_000  # first evaluation seed; collection seeds stay below it
+    n_envs: int = 10
+    max_steps: int | None = None  # None -> the task's own limit
+    n_videos: int = 0
+    temporal_ensemble: bool = False
+    ensemble_decay: float = 0.1  # weight exp(-decay * age) of older chunks when ensembling
+    sampler: str | None = None  # override policy.scheduler.sampler at evaluation
+    num_inference_steps: int | None = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = ""  # "" -> runs/<name>-<timestamp>
+    task: TaskConfig = field(default_factory=TaskConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+_CHOICES = {
+    "policy.type": ("diffusion", "mse_bc"),
+    "policy.net": ("unet", "transformer"),
+    "policy.scheduler.prediction_type": ("epsilon", "sample"),
+    "policy.scheduler.sampler": ("ddpm", "ddim"),
+    "train.lr_schedule": ("cosine", "constant"),
+    "train.mixed_precision": ("no", "bf16"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject values no run can use, naming the key (called on every construction)."""
+    for dotted, allowed in _CHOICES.items():
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ConfigError(f"{dotted}={obj!r} is not one of {allowed}")
+    p = cfg.policy
+    if p.n_obs_steps < 1 or p.n_action_steps < 1:
+        raise ConfigError("policy.n_obs_steps and policy.n_action_steps must be >= 1")
+    if p.n_obs_steps - 1 + p.n_action_steps > p.horizon:
+        raise ConfigError(
+            f"policy.horizon={p.horizon} is too short: the executed actions start at offset "
+            f"n_obs_steps-1={p.n_obs_steps - 1} and need n_action_steps={p.n_action_steps} steps"
+        )
+    if p.scheduler.num_inference_steps < 1 or p.scheduler.num_inference_steps > p.scheduler.num_train_timesteps:
+        raise ConfigError("policy.scheduler.num_inference_steps must be in [1, num_train_timesteps]")
+    if cfg.eval.sampler is not None and cfg.eval.sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"eval.sampler={cfg.eval.sampler!r} is not one of ('ddpm', 'ddim')")
+    for key, mode in p.normalization.items():
+        if mode not in ("minmax", "gaussian", "image", "identity"):
+            raise ConfigError(f"policy.normalization.{key}={mode!r} is not a normalization mode")
+    if not 0.0 <= cfg.data.val_ratio < 1.0:
+        raise ConfigError("data.val_ratio must be in [0, 1)")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _wrap(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{where}: unknown config key '{key}'")
+    first = str(err).splitlines()[0]
+    return ConfigError(f"{where}: bad value for '{key}': {first}")
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig: dataclass defaults <- preset YAML (name or path) <- dotted overrides."""
+    merged = OmegaConf.structured(RunConfig)
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"preset '{preset}' not found; available: {', '.join(available_presets())}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"preset {path} must hold a mapping at the top level")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, f"preset {path.name}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, f"override '{item}'") from None
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from a saved dict (a checkpoint's config), with the same validation."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "saved config") from None
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

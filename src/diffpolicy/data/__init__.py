@@ -1,0 +1,1 @@
+"""Episode storage, windowed sequence datasets and normalization."""

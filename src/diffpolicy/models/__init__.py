@@ -1,0 +1,1 @@
+"""Noise-prediction networks and observation encoders."""

@@ -1,0 +1,59 @@
+"""The Task interface: the one thing a new environment must implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+
+@dataclass
+class Rollout:
+    """One closed-loop episode as the evaluator recorded it."""
+
+    seed: int
+    success: bool
+    length: int
+    rewards: np.ndarray  # (T,)
+    actions: np.ndarray  # (T, action_dim)
+    low_dim_obs: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (T+1, ...) low-dim obs only
+    frames: list[np.ndarray] | None = None  # RGB frames for video, when recorded
+    predicted_chunks: list[tuple[int, np.ndarray]] | None = None  # (step, (N, action_dim)) for drawing
+
+    @property
+    def max_reward(self) -> float:
+        return float(self.rewards.max()) if len(self.rewards) else 0.0
+
+
+class Task:
+    """A task: environment, observation/action spec, scripted expert and metrics.
+
+    Environments return dict observations whose keys match `shape_meta()["obs"]`; low-dim values are
+    float arrays, rgb values are uint8 (H, W, C). `info["is_success"]` says whether the task is solved.
+    """
+
+    name: str = ""
+    max_episode_steps: int = 0
+
+    def shape_meta(self) -> dict[str, Any]:
+        """{"obs": {key: {"shape": [...], "type": "low_dim" | "rgb"}}, "action": {"shape": [Da]}}."""
+        raise NotImplementedError
+
+    def make_env(self, render: bool = False) -> gym.Env:
+        """A fresh environment; with render=True, `env.render()` returns an RGB frame for videos."""
+        raise NotImplementedError
+
+    def collect_episode(self, seed: int) -> tuple[dict[str, np.ndarray], bool]:
+        """Run the scripted expert once; returns per-step arrays (obs keys and "action") and success."""
+        raise NotImplementedError
+
+    def summarize(self, rollouts: list[Rollout], out_dir: Path) -> dict[str, Any]:
+        """Task-specific metrics (and plots written into out_dir) beyond success rate and reward."""
+        return {}
+
+    def draw_chunk(self, frame: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """Draw a predicted action chunk onto a rendered frame (default: unchanged)."""
+        return frame

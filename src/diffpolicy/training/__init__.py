@@ -1,0 +1,1 @@
+"""Training loop, EMA and optimizer construction."""
