@@ -200,7 +200,10 @@ def validate(cfg: RunConfig) -> None:
             f"policy.horizon={p.horizon} is too short: the executed actions start at offset "
             f"n_obs_steps-1={p.n_obs_steps - 1} and need n_action_steps={p.n_action_steps} steps"
         )
-    if p.scheduler.num_inference_steps < 1 or p.scheduler.num_inference_steps > p.scheduler.num_train_timesteps:
+    if (
+        p.scheduler.num_inference_steps < 1
+        or p.scheduler.num_inference_steps > p.scheduler.num_train_timesteps
+    ):
         raise ConfigError("policy.scheduler.num_inference_steps must be in [1, num_train_timesteps]")
     if cfg.eval.sampler is not None and cfg.eval.sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"eval.sampler={cfg.eval.sampler!r} is not one of ('ddpm', 'ddim')")

@@ -1,0 +1,179 @@
+"""Command line: diffpolicy collect | train | eval | demo | presets.
+
+Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
+and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from diffpolicy.config import ConfigError, RunConfig, available_presets, load_config
+
+
+def _run_dir(cfg: RunConfig, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from diffpolicy.collect import collect
+
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"task.name={args.task}")
+    if args.episodes is not None:
+        overrides.append(f"collect.n_episodes={args.episodes}")
+    if args.workers is not None:
+        overrides.append(f"collect.n_workers={args.workers}")
+    if args.seed is not None:
+        overrides.append(f"collect.seed={args.seed}")
+    if args.keep_failed:
+        overrides.append("collect.keep_failed=true")
+    cfg = load_config(args.preset, overrides)
+    out = args.out or cfg.collect.output or f"data/{cfg.task.name}.zarr"
+    store = collect(cfg, out, overwrite=args.overwrite)
+    print(f"wrote {store.n_episodes} episodes ({store.n_steps} steps) to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffpolicy.training.trainer import Trainer
+
+    cfg = load_config(args.preset, args.overrides)
+    run_dir = _run_dir(cfg, args.run_dir)
+    if not cfg.data.path and not (run_dir / "demos.zarr").exists():
+        raise ConfigError(
+            "data.path is empty and the run folder has no demos.zarr: collect first "
+            "(diffpolicy collect ...) and pass data.path=<store>"
+        )
+    report = Trainer(cfg, run_dir, resume=not args.no_resume).fit()
+    _print_summary(report, run_dir / "eval")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.config import from_dict, to_dict
+    from diffpolicy.evaluation import evaluate
+    from diffpolicy.tasks import make_task
+    from diffpolicy.training.trainer import resolve_device
+
+    policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
+    # Only evaluation settings may be overridden: the policy is what the checkpoint says it is.
+    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"diffpolicy eval accepts only eval.* overrides, got {bad}")
+    data = to_dict(saved)
+    cfg = from_dict(data)
+    if args.overrides:
+        from omegaconf import OmegaConf
+
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(args.overrides))
+        cfg = OmegaConf.to_object(merged)
+    if args.episodes:
+        cfg.eval.n_episodes = args.episodes
+    task = make_task(cfg.task.name, **cfg.task.kwargs)
+    out = Path(args.out or Path(args.checkpoint) / "eval")
+    report = evaluate(policy, task, cfg.eval, out, label=str(args.checkpoint))
+    _print_summary(report, out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffpolicy.demo import run_demo
+
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_demo(out, preset=args.preset, overrides=args.overrides)
+    print(f"\nreport: {result['report']}")
+    print("acceptance: " + ("PASS" if result["passed"] else "FAIL"))
+    return 0 if result["passed"] or not args.strict else 1
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name in available_presets():
+        print(name)
+    return 0
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    lo, hi = report["success_ci95"]
+    print(
+        f"success {report['success_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {report['n_episodes']} "
+        f"episodes, mean max reward {report['mean_max_reward']:.3f}; report in {out}"
+    )
+    extra = {k: v for k, v in report["task_metrics"].items() if isinstance(v, float | int)}
+    if extra:
+        print(json.dumps(extra, indent=None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffpolicy", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to the console too")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_preset(p: argparse.ArgumentParser, default: str | None = None) -> None:
+        p.add_argument("--preset", default=default, help=f"preset name or YAML path ({default or 'none'})")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
+
+    p = sub.add_parser("collect", help="run a scripted expert into an EpisodeStore")
+    p.add_argument("--task", help="task name (overrides the preset's)")
+    p.add_argument("--episodes", type=int, help="number of episodes to keep")
+    p.add_argument("--workers", type=int, help="parallel processes")
+    p.add_argument("--seed", type=int, help="first collection seed")
+    p.add_argument("--keep-failed", action="store_true", help="keep episodes the expert failed")
+    p.add_argument("--out", help="output store (.zarr folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    with_preset(p)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train a policy; resumes from <run-dir>/checkpoints/latest")
+    p.add_argument("--run-dir", help="run folder (default runs/<name>-<time>)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    with_preset(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint in closed loop")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--episodes", type=int)
+    p.add_argument("--out", help="report folder (default <checkpoint>/eval)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="collect + train (diffusion and MSE-BC) + evaluate + report, on CPU")
+    p.add_argument("--out", help="demo folder (default runs/demo-<time>)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if the acceptance checks fail")
+    with_preset(p, "trajectory2d_lowdim_unet")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("presets", help="list the bundled presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("diffpolicy").addHandler(console)
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"diffpolicy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Windowed training samples from an :class:`~diffpolicy.data.episodes.EpisodeStore`.
+
+Index convention (the one place it is defined; the controller and the policy follow it)
+--------------------------------------------------------------------------------------
+For an episode of length ``L``, current step ``t``, ``To = n_obs_steps`` and ``H = horizon``:
+
+* observation window: steps ``t-To+1 .. t`` (``To`` frames, the last one is the current step);
+* action window: steps ``t-To+1 .. t-To+H`` (``H`` actions, starting with the first observed step);
+* executed actions: the ``n_action_steps`` actions at window offsets ``To-1 .. To-1+n_action_steps-1``,
+  i.e. starting at the current step ``t``.
+
+Steps outside ``[0, L-1]`` are clamped to the episode's first/last step (edge-repeat padding);
+padded action steps are flagged ``True`` in ``action_is_pad``. Windows never cross episodes.
+
+Valid current steps are ``t = 0 .. max(0, L-1-pad_after)``; ``pad_after`` defaults to
+``n_action_steps-1``, so the executed actions of every sample lie inside the episode whenever
+``L >= n_action_steps``. Every episode yields at least one sample (``t = 0``), even when shorter
+than the horizon.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from diffpolicy.data.episodes import EpisodeStore
+
+__all__ = ["OBS_TYPES", "SequenceDataset", "prepare_obs", "split_episodes"]
+
+OBS_TYPES = ("low_dim", "rgb")
+
+
+def prepare_obs(value: np.ndarray, obs_type: str) -> np.ndarray:
+    """Convert stored/env observations to the policy's input layout.
+
+    ``low_dim``: float32, shape unchanged. ``rgb``: ``(..., H, W, C)`` uint8 (0..255) or float in
+    0..255 (the original Push-T data) -> float32 ``(..., C, H, W)`` in [0, 1].
+    """
+    arr = np.asarray(value)
+    if obs_type == "low_dim":
+        return arr.astype(np.float32, copy=False)
+    if obs_type == "rgb":
+        if arr.ndim < 3:
+            raise ValueError(f"rgb observation must have shape (..., H, W, C), got {arr.shape}")
+        if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+            raise ValueError(f"rgb observation must be uint8 or float in 0..255, got dtype {arr.dtype}")
+        out = np.moveaxis(arr, -1, -3).astype(np.float32)
+        out *= np.float32(1.0 / 255.0)
+        return out
+    raise ValueError(f"unknown obs type {obs_type!r}; expected one of {OBS_TYPES}")
+
+
+def split_episodes(
+    n_episodes: int, val_ratio: float, seed: int, max_train_episodes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split episode ids ``0..n_episodes-1`` into sorted ``(train_ids, val_ids)`` with a seeded RNG.
+
+    Whole episodes go to one side. With ``val_ratio > 0`` and more than one episode there is at least
+    one validation episode; there is always at least one training episode. ``max_train_episodes``
+    subsamples the training episodes (seeded), e.g. for data-scaling experiments.
+    """
+    if int(n_episodes) != n_episodes or n_episodes < 1:
+        raise ValueError(f"n_episodes must be a positive integer, got {n_episodes}")
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    if max_train_episodes is not None and max_train_episodes < 1:
+        raise ValueError(f"max_train_episodes must be >= 1 or None, got {max_train_episodes}")
+    n_episodes = int(n_episodes)
+    n_val = round(n_episodes * val_ratio)
+    if val_ratio > 0 and n_episodes > 1:
+        n_val = max(1, n_val)
+    n_val = min(n_val, n_episodes - 1)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_episodes)
+    val_ids = perm[:n_val]
+    train_ids = perm[n_val:]
+    if max_train_episodes is not None and len(train_ids) > max_train_episodes:
+        train_ids = rng.choice(train_ids, size=max_train_episodes, replace=False)
+    return np.sort(train_ids).astype(np.int64), np.sort(val_ids).astype(np.int64)
+
+
+def _contiguous_runs(starts: np.ndarray, stops: np.ndarray) -> list[tuple[int, int]]:
+    """Merge sorted, non-overlapping [start, stop) ranges that touch into maximal runs."""
+    runs: list[tuple[int, int]] = []
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
+
+
+class SequenceDataset(Dataset):
+    """Training windows (``n_obs_steps`` observations, ``horizon`` actions) over whole episodes.
+
+    Items are ``{"obs": {key: float32 (To, *shape)}, "action": float32 (H, Da),
+    "action_is_pad": bool (H,)}``; rgb observations come out as float32 (To, C, H, W) in [0, 1].
+    See the module docstring for the index convention.
+    """
+
+    def __init__(
+        self,
+        store: EpisodeStore | str | os.PathLike,
+        shape_meta: Mapping[str, Any],
+        horizon: int,
+        n_obs_steps: int,
+        n_action_steps: int,
+        pad_after: int | None = None,
+        episodes: Sequence[int] | None = None,
+        action_key: str = "action",
+        cache_in_memory: bool = True,
+    ):
+        for name, value in (
+            ("horizon", horizon),
+            ("n_obs_steps", n_obs_steps),
+            ("n_action_steps", n_action_steps),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if horizon < n_obs_steps - 1 + n_action_steps:
+            raise ValueError(
+                f"horizon ({horizon}) must be >= n_obs_steps - 1 + n_action_steps "
+                f"({n_obs_steps} - 1 + {n_action_steps}) so the executed actions fit in the window"
+            )
+        if pad_after is None:
+            pad_after = n_action_steps - 1
+        if int(pad_after) != pad_after or pad_after < 0:
+            raise ValueError(f"pad_after must be a non-negative integer, got {pad_after}")
+        self.horizon = int(horizon)
+        self.n_obs_steps = int(n_obs_steps)
+        self.n_action_steps = int(n_action_steps)
+        self.pad_after = int(pad_after)
+        self.action_key = action_key
+        self.cache_in_memory = bool(cache_in_memory)
+
+        if isinstance(store, EpisodeStore):
+            self._store: EpisodeStore | None = store
+        else:
+            self._store = EpisodeStore.open(store, mode="r")
+        self._store_path: Path | None = self._store.path
+        self._store_pid = os.getpid()
+        self.obs_types, self.obs_shapes, self.action_dim = self._check_shape_meta(shape_meta, self._store)
+
+        # Episodes of this dataset: global step ranges and per-episode bases into the sample source.
+        n_total = self._store.n_episodes
+        if n_total == 0:
+            raise ValueError("episode store has no episodes")
+        ids = (
+            np.arange(n_total, dtype=np.int64)
+            if episodes is None
+            else self._check_episode_ids(episodes, n_total)
+        )
+        self._episode_ids = ids
+        all_ends = self._store.episode_ends
+        self._ep_stops = all_ends[ids]
+        self._ep_starts = np.where(ids > 0, all_ends[np.maximum(ids - 1, 0)], 0).astype(np.int64)
+        self._ep_lengths = self._ep_stops - self._ep_starts
+
+        # Sample index: (local episode position, current step t).
+        last_t = np.maximum(0, self._ep_lengths - 1 - self.pad_after)
+        counts = last_t + 1
+        self._sample_ep = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
+        offsets = np.cumsum(counts) - counts
+        self._sample_t = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(offsets, counts)
+
+        self._cache: dict[str, np.ndarray] | None = None
+        if self.cache_in_memory:
+            self._cache = {key: self._read_episodes(key) for key in self._needed_keys()}
+            # Cached arrays hold only the selected episodes, back to back.
+            self._bases = np.cumsum(self._ep_lengths) - self._ep_lengths
+        else:
+            self._bases = self._ep_starts.copy()
+
+    # ------------------------------------------------------------------ validation helpers
+    def _check_shape_meta(
+        self, shape_meta: Mapping[str, Any], store: EpisodeStore
+    ) -> tuple[dict[str, str], dict[str, tuple[int, ...]], int]:
+        if "obs" not in shape_meta or "action" not in shape_meta:
+            raise KeyError(f"shape_meta needs 'obs' and 'action' entries, got {sorted(shape_meta)}")
+        obs_types: dict[str, str] = {}
+        obs_shapes: dict[str, tuple[int, ...]] = {}
+        for key, meta in shape_meta["obs"].items():
+            obs_type = meta.get("type", "low_dim")
+            if obs_type not in OBS_TYPES:
+                raise ValueError(f"obs key {key!r}: unknown type {obs_type!r}; expected one of {OBS_TYPES}")
+            if "shape" not in meta:
+                raise KeyError(f"shape_meta obs key {key!r} has no 'shape'")
+            declared = tuple(int(s) for s in meta["shape"])
+            if key not in store:
+                raise KeyError(f"obs key {key!r} not in episode store; store keys: {store.keys}")
+            stored = tuple(store[key].shape[1:])
+            dtype = store[key].dtype
+            if obs_type == "rgb":
+                if len(declared) != 3 or len(stored) != 3:
+                    raise ValueError(
+                        f"rgb key {key!r}: declared shape {list(declared)} must be [C, H, W] and stored "
+                        f"per-step shape {stored} must be (H, W, C)"
+                    )
+                c, h, w = declared
+                if stored != (h, w, c):
+                    raise ValueError(
+                        f"rgb key {key!r}: declared shape [C, H, W] = {list(declared)} but store holds "
+                        f"(H, W, C) = {stored}"
+                    )
+                if dtype != np.uint8 and dtype.kind != "f":
+                    raise ValueError(f"rgb key {key!r}: stored dtype {dtype} must be uint8 or float 0..255")
+            else:
+                if stored != declared:
+                    raise ValueError(
+                        f"low_dim key {key!r}: declared shape {list(declared)} but store holds "
+                        f"per-step shape {list(stored)}"
+                    )
+                if dtype.kind not in "biuf":
+                    raise ValueError(f"low_dim key {key!r}: stored dtype {dtype} is not numeric")
+            obs_types[key] = obs_type
+            obs_shapes[key] = declared
+        if "action" in obs_types and self.action_key != "action":
+            raise ValueError(
+                "obs key 'action' would clash with the 'action' entry of items and normalizer data "
+                f"(action_key is {self.action_key!r}); rename the obs key"
+            )
+        if "shape" not in shape_meta["action"]:
+            raise KeyError("shape_meta['action'] has no 'shape'")
+        declared_action = tuple(int(s) for s in shape_meta["action"]["shape"])
+        if len(declared_action) != 1:
+            raise ValueError(f"action shape must be [Da], got {list(declared_action)}")
+        if self.action_key not in store:
+            raise KeyError(f"action key {self.action_key!r} not in episode store; store keys: {store.keys}")
+        stored_action = tuple(store[self.action_key].shape[1:])
+        if stored_action != declared_action:
+            raise ValueError(
+                f"action key {self.action_key!r}: declared shape {list(declared_action)} but store holds "
+                f"per-step shape {list(stored_action)}"
+            )
+        return obs_types, obs_shapes, declared_action[0]
+
+    @staticmethod
+    def _check_episode_ids(episodes: Sequence[int], n_total: int) -> np.ndarray:
+        ids = np.asarray(episodes)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("episodes must be a non-empty 1-D sequence of episode ids")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"episode ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        bad = ids[(ids < 0) | (ids >= n_total)]
+        if bad.size:
+            raise ValueError(f"episode id {int(bad[0])} out of range for store with {n_total} episodes")
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"episode id {int(unique[counts > 1][0])} listed more than once")
+        return unique
+
+    # ------------------------------------------------------------------ data access
+    def _needed_keys(self) -> list[str]:
+        return sorted({*self.obs_types, self.action_key})
+
+    def _get_store(self) -> EpisodeStore:
+        # In a DataLoader worker (unpickled, or forked: a zip file handle must not be shared across
+        # processes) reopen path-backed stores read-only, once per process.
+        if self._store_path is not None and (self._store is None or self._store_pid != os.getpid()):
+            self._store = EpisodeStore.open(self._store_path, mode="r")
+            self._store_pid = os.getpid()
+        assert self._store is not None
+        return self._store
+
+    def _to_source_dtype(self, key: str, arr: np.ndarray) -> np.ndarray:
+        # rgb stays in its stored dtype (uint8 is 4x smaller); everything else becomes float32.
+        if self.obs_types.get(key) == "rgb":
+            return arr
+        return arr.astype(np.float32, copy=False)
+
+    def _read_episodes(self, key: str) -> np.ndarray:
+        """All steps of this dataset's episodes for ``key``: one read per contiguous run of episodes."""
+        zarr_array = self._get_store()[key]
+        runs = _contiguous_runs(self._ep_starts, self._ep_stops)
+        parts = [np.asarray(zarr_array[a:b]) for a, b in runs]
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return self._to_source_dtype(key, arr)
+
+    def _read_rows(self, key: str, steps: np.ndarray, base: int) -> np.ndarray:
+        """Rows ``base + steps`` of ``key`` (``steps`` sorted): reads only the span they cover."""
+        if self._cache is not None:
+            return self._cache[key][base + steps]
+        lo, hi = int(steps[0]), int(steps[-1]) + 1
+        block = np.asarray(self._get_store()[key][base + lo : base + hi])
+        return self._to_source_dtype(key, block[steps - lo])
+
+    # ------------------------------------------------------------------ Dataset API
+    def __len__(self) -> int:
+        return int(self._sample_t.shape[0])
+
+    @property
+    def n_episodes(self) -> int:
+        return int(self._episode_ids.shape[0])
+
+    @property
+    def episode_ids(self) -> np.ndarray:
+        """Sorted ids (in the store) of the episodes in this dataset."""
+        return self._episode_ids.copy()
+
+    @property
+    def store(self) -> EpisodeStore:
+        return self._get_store()
+
+    def sample_location(self, index: int) -> tuple[int, int]:
+        """``(episode_id, t)`` of sample ``index``: the store episode and the current step in it."""
+        i = self._check_index(index)
+        return int(self._episode_ids[self._sample_ep[i]]), int(self._sample_t[i])
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        i = int(index)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {index} out of range for dataset with {n} samples")
+        return i % n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = self._check_index(index)
+        ep = int(self._sample_ep[i])
+        t = int(self._sample_t[i])
+        length = int(self._ep_lengths[ep])
+        base = int(self._bases[ep])
+        first = t - self.n_obs_steps + 1
+
+        obs_steps = np.clip(np.arange(first, t + 1), 0, length - 1)
+        obs: dict[str, torch.Tensor] = {}
+        for key, obs_type in self.obs_types.items():
+            frames = self._read_rows(key, obs_steps, base)
+            obs[key] = torch.from_numpy(np.ascontiguousarray(prepare_obs(frames, obs_type)))
+
+        raw_steps = np.arange(first, first + self.horizon)
+        is_pad = (raw_steps < 0) | (raw_steps > length - 1)
+        actions = self._read_rows(self.action_key, np.clip(raw_steps, 0, length - 1), base)
+        return {
+            "obs": obs,
+            "action": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)),
+            "action_is_pad": torch.from_numpy(is_pad),
+        }
+
+    def get_normalizer_data(self) -> dict[str, np.ndarray]:
+        """All steps of this dataset's episodes as ``(N, D)`` float32, per low-dim obs key and "action".
+
+        rgb keys are omitted (images use a fixed [0, 1] -> [-1, 1] map).
+        """
+        out: dict[str, np.ndarray] = {}
+        for key in [k for k, v in self.obs_types.items() if v == "low_dim"] + [self.action_key]:
+            arr = self._cache[key] if self._cache is not None else self._read_episodes(key)
+            name = "action" if key == self.action_key else key
+            out[name] = np.asarray(arr, dtype=np.float32).reshape(arr.shape[0], -1)
+        return out
+
+    # ------------------------------------------------------------------ pickling (DataLoader workers)
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._store_path is not None:
+            state["_store"] = None  # reopened lazily in the worker
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"SequenceDataset(n_samples={len(self)}, n_episodes={self.n_episodes}, horizon={self.horizon}, "
+            f"n_obs_steps={self.n_obs_steps}, n_action_steps={self.n_action_steps}, "
+            f"pad_after={self.pad_after}, obs={self.obs_types}, cached={self.cache_in_memory})"
+        )

@@ -1,0 +1,285 @@
+"""Policies: Diffusion Policy and an MSE behaviour-cloning baseline that shares its networks.
+
+Both take observation windows `{key: (B, n_obs_steps, *shape)}` (images float in [0, 1], (C, H, W)) and
+return action chunks in the environment's units. Inside, everything is normalized to [-1, 1]:
+
+    normalize -> ObsEncoder (once per chunk) -> condition -> noise network -> sampler -> unnormalize
+
+Training uses the DDPM forward process from `diffusers`; inference uses DDPM or DDIM from `diffusers`
+with a configurable number of steps. Nothing about the samplers is re-implemented here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from diffpolicy.config import NoiseSchedulerConfig, PolicyConfig, TrainConfig
+from diffpolicy.data.normalize import Normalizer
+from diffpolicy.models.vision import ObsEncoder
+
+
+class NonFiniteActionError(RuntimeError):
+    """The policy produced NaN/inf actions; they must never reach an environment."""
+
+
+def make_scheduler(cfg: NoiseSchedulerConfig, sampler: str | None = None) -> DDPMScheduler | DDIMScheduler:
+    """The diffusers scheduler for `sampler` ("ddpm" for training and DDPM sampling, or "ddim")."""
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        clip_sample=cfg.clip_sample,
+        prediction_type=cfg.prediction_type,
+    )
+    if (sampler or cfg.sampler) == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
+    return DDPMScheduler(**common, variance_type="fixed_small")
+
+
+def normalizer_spec(shape_meta: dict[str, Any], overrides: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """key -> (mode, feature_dim): minmax for low-dim keys and the action, image for cameras."""
+    spec: dict[str, tuple[str, int]] = {}
+    for key, meta in shape_meta["obs"].items():
+        default = "image" if meta.get("type") == "rgb" else "minmax"
+        spec[key] = (overrides.get(key, default), int(meta["shape"][0]) if default == "minmax" else 1)
+    spec["action"] = (overrides.get("action", "minmax"), int(shape_meta["action"]["shape"][0]))
+    return spec
+
+
+def build_noise_net(cfg: PolicyConfig, action_dim: int, obs_feature_dim: int) -> nn.Module:
+    """The noise network for `cfg.net`, wired for global (default) or inpainting conditioning."""
+    inpaint = not cfg.obs_as_global_cond
+    traj_dim = action_dim + obs_feature_dim if inpaint else action_dim
+    if cfg.net == "unet":
+        from diffpolicy.models.unet1d import ConditionalUnet1D
+
+        u = cfg.unet
+        return ConditionalUnet1D(
+            input_dim=traj_dim,
+            global_cond_dim=None if inpaint else obs_feature_dim * cfg.n_obs_steps,
+            diffusion_step_embed_dim=u.diffusion_step_embed_dim,
+            down_dims=tuple(u.down_dims),
+            kernel_size=u.kernel_size,
+            n_groups=u.n_groups,
+            cond_predict_scale=u.cond_predict_scale,
+        )
+    from diffpolicy.models.transformer import TransformerForDiffusion
+
+    t = cfg.transformer
+    return TransformerForDiffusion(
+        input_dim=traj_dim,
+        output_dim=traj_dim,
+        horizon=cfg.horizon,
+        n_obs_steps=0 if inpaint else cfg.n_obs_steps,
+        cond_dim=0 if inpaint else obs_feature_dim,
+        n_layer=t.n_layer,
+        n_head=t.n_head,
+        n_emb=t.n_emb,
+        p_drop_emb=t.p_drop_emb,
+        p_drop_attn=t.p_drop_attn,
+        causal_attn=t.causal_attn,
+        n_cond_layers=t.n_cond_layers,
+    )
+
+
+class BasePolicy(nn.Module):
+    """What every policy shares: normalizer, observation encoder, noise network, checkpoint I/O."""
+
+    def __init__(self, cfg: PolicyConfig, shape_meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.shape_meta = shape_meta
+        self.action_dim = int(shape_meta["action"]["shape"][0])
+        self.horizon = cfg.horizon
+        self.n_obs_steps = cfg.n_obs_steps
+        self.n_action_steps = cfg.n_action_steps
+        self.normalizer = Normalizer(normalizer_spec(shape_meta, cfg.normalization))
+        self.obs_encoder = ObsEncoder(shape_meta["obs"], cfg.vision)
+        self.net = build_noise_net(cfg, self.action_dim, self.obs_encoder.output_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ----- conditioning -------------------------------------------------------------------------
+    def encode_obs(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalize and encode the last n_obs_steps observations: (B, To, F)."""
+        window = {}
+        for key in self.shape_meta["obs"]:
+            if key not in obs:
+                raise KeyError(f"observation key '{key}' is missing (got {sorted(obs)})")
+            x = obs[key]
+            if x.dim() < 2 or x.shape[1] < self.n_obs_steps:
+                raise ValueError(
+                    f"observation '{key}' needs shape (B, >= {self.n_obs_steps}, ...), got {tuple(x.shape)}"
+                )
+            window[key] = x[:, -self.n_obs_steps :]  # the most recent To steps
+        return self.obs_encoder(self.normalizer.normalize_obs(window))
+
+    def global_cond(self, features: torch.Tensor) -> torch.Tensor:
+        """The condition the noise net expects: flat (B, To*F) for the U-Net, tokens for the transformer."""
+        return features.flatten(1) if self.cfg.net == "unet" else features
+
+    def call_net(
+        self, sample: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.cfg.net == "unet":
+            return self.net(sample, t, global_cond=cond)
+        return self.net(sample, t, cond=cond)
+
+    # ----- optimisation -------------------------------------------------------------------------
+    def optim_groups(self, train: TrainConfig) -> list[dict]:
+        """AdamW groups: the noise net's own split (transformer) or one group, plus the obs encoder."""
+        if hasattr(self.net, "get_optim_groups"):
+            groups = self.net.get_optim_groups(train.weight_decay)
+        else:
+            groups = [{"params": list(self.net.parameters()), "weight_decay": train.weight_decay}]
+        enc = list(self.obs_encoder.parameters())
+        if enc:
+            groups.append({"params": enc, "weight_decay": train.obs_encoder_weight_decay})
+        return groups
+
+    def check_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(actions).all():
+            raise NonFiniteActionError(
+                "the policy produced non-finite actions; refusing to pass them to the environment "
+                "(check the checkpoint and the observations for NaN)"
+            )
+        return actions
+
+    def select_executed(self, action_pred: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The executed actions start at offset n_obs_steps-1 of the chunk (the current step)."""
+        start = self.n_obs_steps - 1
+        return {"action": action_pred[:, start : start + self.n_action_steps], "action_pred": action_pred}
+
+    def masked_mse(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the entries where mask is True (padding excluded)."""
+        err = F.mse_loss(pred, target, reduction="none") * mask
+        return err.sum() / mask.sum().clamp(min=1)
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> BasePolicy:
+        """Rebuild a policy from a checkpoint folder (config + normalizer + safetensors weights)."""
+        from diffpolicy.checkpoint import load_policy
+
+        policy, _ = load_policy(path, device=device)
+        if not isinstance(policy, cls):
+            raise TypeError(f"{path} holds a {type(policy).__name__}, not a {cls.__name__}")
+        return policy
+
+
+class DiffusionPolicy(BasePolicy):
+    """Denoises an action chunk conditioned on encoded observations (Chi et al. 2023)."""
+
+    def __init__(self, cfg: PolicyConfig, shape_meta: dict[str, Any]) -> None:
+        super().__init__(cfg, shape_meta)
+        self.noise_scheduler = make_scheduler(cfg.scheduler, "ddpm")
+        self.set_sampler(cfg.scheduler.sampler, cfg.scheduler.num_inference_steps)
+
+    def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
+        """Choose the inference sampler (ddpm | ddim) and its number of steps."""
+        if not 1 <= num_inference_steps <= self.cfg.scheduler.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.cfg.scheduler.num_train_timesteps}]")
+        self.sampler = make_scheduler(self.cfg.scheduler, sampler)
+        self.num_inference_steps = num_inference_steps
+
+    def _trajectory(self, nactions: torch.Tensor, features: torch.Tensor):
+        """Returns (trajectory, cond, condition_mask) for global or inpainting conditioning."""
+        if self.cfg.obs_as_global_cond:
+            return nactions, self.global_cond(features), None
+        B, H = nactions.shape[:2]
+        obs_part = torch.zeros(B, H, features.shape[-1], device=nactions.device, dtype=nactions.dtype)
+        obs_part[:, : self.n_obs_steps] = features
+        traj = torch.cat([nactions, obs_part], dim=-1)
+        cond_mask = torch.zeros_like(traj, dtype=torch.bool)
+        cond_mask[:, : self.n_obs_steps, self.action_dim :] = True
+        return traj, None, cond_mask
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """DDPM objective: predict the noise (or the clean chunk) of a randomly noised action chunk."""
+        nactions = self.normalizer.normalize("action", batch["action"])
+        features = self.encode_obs(batch["obs"])
+        traj, cond, cond_mask = self._trajectory(nactions, features)
+        noise = torch.randn_like(traj)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (traj.shape[0],), device=traj.device
+        )
+        noisy = self.noise_scheduler.add_noise(traj, noise, t)
+        if cond_mask is not None:
+            noisy = torch.where(cond_mask, traj, noisy)
+        pred = self.call_net(noisy, t, cond)
+        target = noise if self.cfg.scheduler.prediction_type == "epsilon" else traj
+        mask = torch.ones_like(traj, dtype=torch.bool)
+        if cond_mask is not None:
+            mask &= ~cond_mask
+        if "action_is_pad" in batch:
+            pad = batch["action_is_pad"].to(torch.bool)[..., None]
+            mask[..., : self.action_dim] &= ~pad
+        return self.masked_mse(pred, target, mask)
+
+    @torch.inference_mode()
+    def predict_action(
+        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Sample an action chunk: {"action": (B, n_action_steps, Da), "action_pred": (B, horizon, Da)}."""
+        features = self.encode_obs(obs)  # once per chunk, never per denoising step
+        B = features.shape[0]
+        dim = self.action_dim + (0 if self.cfg.obs_as_global_cond else features.shape[-1])
+        zeros = torch.zeros(B, self.horizon, self.action_dim, device=features.device, dtype=features.dtype)
+        cond_traj, cond, cond_mask = self._trajectory(zeros, features)
+        sample = torch.randn(
+            B, self.horizon, dim, device=features.device, dtype=features.dtype, generator=generator
+        )
+        self.sampler.set_timesteps(self.num_inference_steps, device=features.device)
+        for t in self.sampler.timesteps:
+            if cond_mask is not None:
+                sample = torch.where(cond_mask, cond_traj, sample)
+            out = self.call_net(sample, t, cond)
+            sample = self.sampler.step(out, t, sample, generator=generator).prev_sample
+        action_pred = self.normalizer.unnormalize("action", sample[..., : self.action_dim])
+        return self.select_executed(self.check_actions(action_pred))
+
+
+class MseBCPolicy(BasePolicy):
+    """Plain regression with the same networks (fixed timestep 0, zero input): shows mode averaging."""
+
+    def __init__(self, cfg: PolicyConfig, shape_meta: dict[str, Any]) -> None:
+        if not cfg.obs_as_global_cond:
+            raise ValueError("MseBCPolicy needs policy.obs_as_global_cond=true")
+        super().__init__(cfg, shape_meta)
+
+    def _regress(self, features: torch.Tensor) -> torch.Tensor:
+        zeros = torch.zeros(
+            features.shape[0], self.horizon, self.action_dim, device=features.device, dtype=features.dtype
+        )
+        return self.call_net(zeros, 0, self.global_cond(features))
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        nactions = self.normalizer.normalize("action", batch["action"])
+        pred = self._regress(self.encode_obs(batch["obs"]))
+        mask = torch.ones_like(nactions, dtype=torch.bool)
+        if "action_is_pad" in batch:
+            mask &= ~batch["action_is_pad"].to(torch.bool)[..., None]
+        return self.masked_mse(pred, nactions, mask)
+
+    @torch.inference_mode()
+    def predict_action(
+        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        action_pred = self.normalizer.unnormalize("action", self._regress(self.encode_obs(obs)))
+        return self.select_executed(self.check_actions(action_pred))
+
+
+POLICY_TYPES: dict[str, type[BasePolicy]] = {"diffusion": DiffusionPolicy, "mse_bc": MseBCPolicy}
+
+
+def make_policy(cfg: PolicyConfig, shape_meta: dict[str, Any]) -> BasePolicy:
+    return POLICY_TYPES[cfg.type](cfg, shape_meta)

@@ -1,0 +1,233 @@
+"""trajectory2d: a point traces a figure-eight, clockwise-first or anticlockwise-first. The multimodal toy.
+
+The path is the lemniscate of Gerono, (x, y) = (sin th, sin th cos th), which crosses itself at the origin.
+Every episode starts in a small disk around the origin. The scripted expert traverses the whole
+figure-eight once in one of two directions, chosen at random per episode:
+
+- "forward"  (th: 0 -> 2 pi): right lobe first, leaving the origin towards (+1, +1);
+- "reverse"  (th: 0 -> -2 pi): left lobe first, leaving the origin towards (-1, -1).
+
+Near the start both modes are equally likely and point in opposite directions, so a regressor trained
+with MSE averages them into "stay where you are" (the tree-in-the-road example of the Diffusion Policy
+paper) while a diffusion policy commits to one. Observation: the point's position; action: the absolute
+position the point is commanded to (it moves there at up to `max_speed` per step). An episode succeeds
+when the point has passed both lobe tips (|x| > 0.8) and returned to the origin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from diffpolicy.tasks.base import Rollout, Task
+
+BOUND = 1.5
+LOBE_TIP = 0.8  # |x| beyond which a lobe counts as visited
+RETURN_RADIUS = 0.08  # success once both lobes are visited and the point is this close to the origin
+# A rollout "follows" a mode when it completes the figure-eight with a mean distance to the path below
+# this: 5% of a lobe's width (x spans [-1, 1]) and under the start disk's radius, i.e. the trace is
+# visibly the demonstrated curve; the expert itself stays around 0.01 (its only error is the start).
+FOLLOW_THRESHOLD = 0.05
+
+
+def figure_eight(theta: np.ndarray | float) -> np.ndarray:
+    theta = np.asarray(theta, dtype=np.float64)
+    return np.stack([np.sin(theta), np.sin(theta) * np.cos(theta)], axis=-1)
+
+
+_CURVE = figure_eight(np.linspace(0.0, 2 * np.pi, 4001))
+
+
+def distance_to_path(points: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each (…, 2) point to the nearest point of the figure-eight."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    d = np.sqrt(((pts[:, None, :] - _CURVE[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    return d.reshape(np.shape(points)[:-1])
+
+
+class Trajectory2DEnv(gym.Env):
+    """A point commanded to absolute target positions in [-1.5, 1.5]^2."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(
+        self,
+        max_steps: int = 150,
+        start_radius: float = 0.1,
+        max_speed: float = 0.12,
+        render_size: int = 96,
+        render_mode: str | None = None,
+    ) -> None:
+        self.max_steps = max_steps
+        self.start_radius = start_radius
+        self.max_speed = max_speed
+        self.render_size = render_size
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Dict(
+            {"pos": gym.spaces.Box(-BOUND, BOUND, shape=(2,), dtype=np.float32)}
+        )
+        self.action_space = gym.spaces.Box(-BOUND, BOUND, shape=(2,), dtype=np.float32)
+        self.pos = np.zeros(2)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {"pos": self.pos.astype(np.float32)}
+
+    def _info(self) -> dict[str, Any]:
+        return {"is_success": self.success, "first_lobe": self.first_lobe}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        r = self.start_radius * np.sqrt(self.np_random.uniform())
+        a = self.np_random.uniform(0, 2 * np.pi)
+        self.pos = np.array([r * np.cos(a), r * np.sin(a)])
+        self.t = 0
+        self.visited = {+1: False, -1: False}
+        self.first_lobe = 0  # +1 right lobe first (forward), -1 left lobe first (reverse), 0 none yet
+        self.success = False
+        return self._obs(), self._info()
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64).reshape(2)
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"trajectory2d received a non-finite action {action}")
+        delta = np.clip(action, -BOUND, BOUND) - self.pos
+        norm = np.linalg.norm(delta)
+        if norm > self.max_speed:
+            delta *= self.max_speed / norm
+        self.pos = self.pos + delta
+        self.t += 1
+        for side in (+1, -1):
+            if side * self.pos[0] > LOBE_TIP and not self.visited[side]:
+                self.visited[side] = True
+                self.first_lobe = self.first_lobe or side
+        self.success = all(self.visited.values()) and np.linalg.norm(self.pos) < RETURN_RADIUS
+        reward = float(self.success)
+        return self._obs(), reward, self.success, self.t >= self.max_steps, self._info()
+
+    def render(self) -> np.ndarray:
+        """A small RGB frame: the path in grey, the point in red."""
+        s = self.render_size
+        frame = np.full((s, s, 3), 255, dtype=np.uint8)
+        px = world_to_pixel(_CURVE[::8], s)
+        frame[px[:, 1], px[:, 0]] = (170, 170, 170)
+        _dot(frame, world_to_pixel(self.pos[None], s)[0], (220, 30, 30), 2)
+        return frame
+
+
+def world_to_pixel(points: np.ndarray, size: int) -> np.ndarray:
+    uv = (np.asarray(points) + BOUND) / (2 * BOUND) * (size - 1)
+    uv[:, 1] = size - 1 - uv[:, 1]
+    return np.clip(np.round(uv), 0, size - 1).astype(int)
+
+
+def _dot(frame: np.ndarray, center: np.ndarray, color: tuple[int, int, int], radius: int) -> None:
+    x, y = center
+    frame[max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1] = color
+
+
+class FigureEightExpert:
+    """Leads the point along the figure-eight at a per-episode speed, in a per-episode direction."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.direction = int(rng.choice([1, -1]))
+        self.loop_steps = int(rng.integers(80, 101))
+
+    def act(self, step: int) -> np.ndarray:
+        theta = self.direction * 2 * np.pi * min(1.0, (step + 1) / self.loop_steps)
+        return figure_eight(theta).astype(np.float32)
+
+
+class Trajectory2DTask(Task):
+    name = "trajectory2d"
+
+    def __init__(self, max_steps: int = 150, start_radius: float = 0.1, max_speed: float = 0.12) -> None:
+        self.max_episode_steps = max_steps
+        self.env_kwargs = dict(max_steps=max_steps, start_radius=start_radius, max_speed=max_speed)
+
+    def shape_meta(self) -> dict[str, Any]:
+        return {"obs": {"pos": {"shape": [2], "type": "low_dim"}}, "action": {"shape": [2]}}
+
+    def make_env(self, render: bool = False) -> gym.Env:
+        return Trajectory2DEnv(**self.env_kwargs, render_mode="rgb_array" if render else None)
+
+    def collect_episode(self, seed: int) -> tuple[dict[str, np.ndarray], bool]:
+        env = self.make_env()
+        expert = FigureEightExpert(seed)
+        obs, info = env.reset(seed=seed)
+        positions, actions = [], []
+        for k in range(self.max_episode_steps):
+            action = expert.act(k)
+            positions.append(obs["pos"])
+            actions.append(action)
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        return {"pos": np.stack(positions), "action": np.stack(actions)}, bool(info["is_success"])
+
+    def summarize(self, rollouts: list[Rollout], out_dir: Path) -> dict[str, Any]:
+        """Which mode each rollout followed, its distance to the path, and a plot coloured by mode."""
+        modes, dists = [], []
+        for r in rollouts:
+            traj = r.low_dim_obs["pos"]
+            dist = float(distance_to_path(traj).mean())
+            first = first_lobe(traj)
+            follows = r.success and dist < FOLLOW_THRESHOLD
+            modes.append(("forward" if first > 0 else "reverse") if follows else "none")
+            dists.append(dist)
+        n = max(len(rollouts), 1)
+        summary = {
+            "forward_fraction": modes.count("forward") / n,
+            "reverse_fraction": modes.count("reverse") / n,
+            "no_mode_fraction": modes.count("none") / n,
+            "mean_distance_to_path": float(np.mean(dists)) if dists else float("nan"),
+            "follow_threshold": FOLLOW_THRESHOLD,
+            "modes": modes,
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary["plot"] = str(plot_rollouts(rollouts, modes, out_dir / "rollouts.png"))
+        return summary
+
+    def draw_chunk(self, frame: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        frame = frame.copy()
+        for p in world_to_pixel(chunk, frame.shape[0]):
+            _dot(frame, p, (30, 90, 220), 0)
+        return frame
+
+
+def first_lobe(traj: np.ndarray) -> int:
+    """+1 if the trajectory reached the right lobe tip first, -1 the left, 0 neither."""
+    hits = np.nonzero(np.abs(traj[:, 0]) > LOBE_TIP)[0]
+    return int(np.sign(traj[hits[0], 0])) if len(hits) else 0
+
+
+MODE_COLOURS = {"forward": "tab:blue", "reverse": "tab:orange", "none": "tab:red"}
+
+
+def plot_rollouts(rollouts: list[Rollout], modes: list[str], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(_CURVE[:, 0], _CURVE[:, 1], color="0.8", lw=6, zorder=0, label="demonstrated path")
+    for r, mode in zip(rollouts, modes, strict=True):
+        xy = r.low_dim_obs["pos"]
+        ax.plot(xy[:, 0], xy[:, 1], color=MODE_COLOURS[mode], lw=0.8, alpha=0.7)
+        ax.plot(xy[:1, 0], xy[:1, 1], "k.", ms=3)
+    for mode, colour in MODE_COLOURS.items():
+        ax.plot([], [], color=colour, label=f"{mode} ({modes.count(mode)})")
+    ax.set_aspect("equal")
+    ax.set_xlim(-1.3, 1.3)
+    ax.set_ylim(-0.8, 0.8)
+    ax.legend(loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 1.12))
+    if title:
+        ax.set_title(title, fontsize=9, pad=22)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,20 @@
+"""Optimizer and learning-rate schedule: AdamW over the policy's parameter groups, warmup + cosine."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from diffpolicy.config import TrainConfig
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the policy's groups (each carries its own weight_decay); fused kernels on CUDA."""
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    if cfg.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.num_steps, 1))
+    return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)

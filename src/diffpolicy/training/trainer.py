@@ -1,0 +1,489 @@
+"""The training loop: data -> policy.compute_loss -> AdamW -> EMA, with validation, closed-loop evaluation,
+top-k and `latest` checkpoints, exact resume, and one run folder holding everything the run produced.
+
+    <run_dir>/config.yaml       the resolved RunConfig
+    <run_dir>/train.log         log lines; metrics.jsonl: one JSON line per logged step; tb/: tensorboard
+    <run_dir>/checkpoints/latest          resumable (weights, optimizer, LR schedule, EMA, RNG, step)
+    <run_dir>/checkpoints/topk/step=..-score=..   the k best by closed-loop score (inference only)
+    <run_dir>/eval/             final closed-loop evaluation report, plots, videos
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from diffpolicy.checkpoint import load_training_state, save_checkpoint
+from diffpolicy.config import RunConfig, save_yaml, to_dict
+from diffpolicy.data.episodes import EpisodeStore
+from diffpolicy.data.normalize import Normalizer
+from diffpolicy.data.sequence import SequenceDataset, split_episodes
+from diffpolicy.policy import BasePolicy, make_policy, normalizer_spec
+from diffpolicy.tasks import Task, make_task
+from diffpolicy.training.ema import EMA
+from diffpolicy.training.optim import make_lr_schedule, make_optimizer
+
+log = logging.getLogger("diffpolicy")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the run stopped and the last good checkpoint was kept."""
+
+
+class ResumeMismatch(RuntimeError):
+    """A run folder holds a run with a different configuration than the one asked for."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Endless batches from a seeded permutation per epoch, resumable at any step.
+
+    Batch `s` is a pure function of (seed, s), so a resumed run sees exactly the batches the killed run
+    would have seen. Each rank takes its own slice of the global batch (DDP).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if n < 1:
+            raise ValueError("the training set is empty: no windows to sample")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = max(1, n // self.global_batch)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        if len(perm) < self.global_batch:  # tiny datasets: repeat the permutation to fill one batch
+            perm = np.resize(perm, self.global_batch)
+        return perm
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            order = self._epoch_order(epoch)
+            for s in range(pos, self.steps_per_epoch):
+                chunk = order[s * self.global_batch : (s + 1) * self.global_batch]
+                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            step = (epoch + 1) * self.steps_per_epoch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+# Keys a resumed run may change without invalidating what was trained so far.
+RESUMABLE_CHANGES = (
+    "train.num_steps",
+    "train.eval_every",
+    "train.val_every",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.num_workers",
+    "eval.",
+    "name",
+    "run_dir",
+)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        task: Task | None = None,
+        resume: bool = True,
+        show_progress: bool | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.task = task or make_task(cfg.task.name, **cfg.task.kwargs)
+        self.resume = resume
+        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.device = resolve_device(cfg.train.device)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ----- set-up ---------------------------------------------------------------------------------
+    def _setup_logging(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _check_config(self) -> None:
+        path = self.run_dir / "config.yaml"
+        if path.exists() and (self.ckpt_dir / "latest").exists():
+            import yaml
+
+            with open(path) as f:
+                old = yaml.safe_load(f)
+            diffs = [d for d in _config_diff(old, to_dict(self.cfg)) if not d.startswith(RESUMABLE_CHANGES)]
+            if diffs:
+                raise ResumeMismatch(
+                    f"{self.run_dir} already holds a run with a different configuration: {'; '.join(diffs)}. "
+                    "Use another run folder (or resume with the same config)."
+                )
+        save_yaml(self.cfg, path)
+
+    def _build_data(self) -> None:
+        cfg, p = self.cfg, self.cfg.policy
+        path = cfg.data.path or str(self.run_dir / "demos.zarr")
+        store = EpisodeStore.open(path)
+        self.shape_meta = self.task.shape_meta()
+        train_ids, val_ids = split_episodes(
+            store.n_episodes, cfg.data.val_ratio, cfg.data.split_seed, cfg.data.max_train_episodes
+        )
+        common = dict(
+            shape_meta=self.shape_meta,
+            horizon=p.horizon,
+            n_obs_steps=p.n_obs_steps,
+            n_action_steps=p.n_action_steps,
+            pad_after=cfg.data.pad_after,
+            action_key=cfg.data.action_key,
+            cache_in_memory=cfg.data.cache_in_memory,
+        )
+        self.train_set = SequenceDataset(store, episodes=train_ids, **common)
+        self.val_set = SequenceDataset(store, episodes=val_ids, **common) if len(val_ids) else None
+        log.info(
+            "data %s: %d episodes (%d train, %d val), %d training windows",
+            path,
+            store.n_episodes,
+            len(train_ids),
+            len(val_ids),
+            len(self.train_set),
+        )
+
+    def _build_policy(self) -> None:
+        cfg = self.cfg
+        self.policy: BasePolicy = make_policy(cfg.policy, self.shape_meta)
+        modes = {
+            k: mode for k, (mode, _) in normalizer_spec(self.shape_meta, cfg.policy.normalization).items()
+        }
+        fitted = Normalizer.fit(self.train_set.get_normalizer_data(), modes)
+        self.policy.normalizer.load_state_dict(fitted.state_dict())
+        self.policy.to(self.device)
+        self.optimizer = make_optimizer(self.policy.optim_groups(cfg.train), cfg.train, self.device)
+        self.lr_schedule = make_lr_schedule(self.optimizer, cfg.train)
+        self.ema = EMA(self.policy, cfg.train.ema) if cfg.train.ema.enabled else None
+        n_params = sum(p.numel() for p in self.policy.parameters())
+        log.info(
+            "policy %s/%s: %.2fM parameters on %s",
+            cfg.policy.type,
+            cfg.policy.net,
+            n_params / 1e6,
+            self.device,
+        )
+
+    @property
+    def eval_policy(self) -> BasePolicy:
+        """The weights used for validation, evaluation and inference checkpoints (EMA when enabled)."""
+        return self.ema.model if self.ema is not None else self.policy
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def _training_state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "model": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(),
+            "topk": self.topk,
+        }
+
+    def save_latest(self, step: int) -> None:
+        save_checkpoint(
+            self.ckpt_dir / "latest",
+            self.eval_policy,
+            self.cfg,
+            step=step,
+            training_state=self._training_state(step),
+        )
+
+    def _load_latest(self) -> int:
+        state = load_training_state(self.ckpt_dir / "latest")
+        self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+        self.topk = state.get("topk", [])
+        return int(state["step"])
+
+    def _update_topk(self, step: int, score: float, metrics: dict[str, float]) -> None:
+        k = self.cfg.train.top_k
+        if k <= 0:
+            return
+        if len(self.topk) >= k and score <= min(s for s, _ in self.topk):
+            return
+        path = self.ckpt_dir / "topk" / f"step={step:07d}-score={score:.3f}"
+        save_checkpoint(path, self.eval_policy, self.cfg, step=step, metrics=metrics)
+        self.topk.append((score, str(path)))
+        self.topk.sort(key=lambda item: -item[0])
+        while len(self.topk) > k:
+            _, worst = self.topk.pop()
+            import shutil
+
+            shutil.rmtree(worst, ignore_errors=True)
+
+    # ----- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, max_batches: int = 20) -> float | None:
+        if self.val_set is None or len(self.val_set) == 0:
+            return None
+        policy = self.eval_policy
+        policy.eval()
+        loader = DataLoader(self.val_set, batch_size=self.cfg.train.batch_size, shuffle=False)
+        losses = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(12345)  # same noise every time, so values are comparable across steps
+            for i, batch in enumerate(loader):
+                if i >= max_batches:
+                    break
+                losses.append(policy.compute_loss(to_device(batch, self.device)).item())
+        return float(np.mean(losses))
+
+    def closed_loop_eval(self, step: int, n_episodes: int, out_dir: Path) -> dict[str, Any]:
+        from diffpolicy.evaluation import evaluate
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            report = evaluate(
+                self.eval_policy,
+                self.task,
+                self.cfg.eval,
+                out_dir,
+                n_episodes=n_episodes,
+                label=f"{self.cfg.name} step {step}",
+            )
+        return report
+
+    # ----- the loop -----------------------------------------------------------------------------------
+    def _log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def fit(self) -> dict[str, Any]:
+        """Train to cfg.train.num_steps (resuming from `latest` if present), then evaluate."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        tc = self.cfg.train
+        self._setup_logging()
+        try:
+            self._check_config()
+            seed_everything(tc.seed)
+            self._build_data()
+            self._build_policy()
+            self.topk: list[tuple[float, str]] = []
+            start = 0
+            if self.resume and (self.ckpt_dir / "latest").exists():
+                start = self._load_latest()
+                log.info("resumed from %s at step %d", self.ckpt_dir / "latest", start)
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            sampler = EpochBatchSampler(len(self.train_set), tc.batch_size, tc.seed, start_step=start)
+            loader = DataLoader(
+                self.train_set,
+                batch_sampler=sampler,
+                num_workers=tc.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=tc.num_workers > 0,
+            )
+            self._train_loop(start, iter(loader))
+            return self._finish()
+        finally:
+            if hasattr(self, "writer"):
+                self.writer.close()
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+
+    def _train_loop(self, start: int, batches: Iterator) -> None:
+        tc = self.cfg.train
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        autocast = tc.mixed_precision == "bf16"
+        bar = tqdm(
+            total=tc.num_steps,
+            initial=start,
+            desc=self.cfg.name,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
+        self.policy.train()
+        t_last, last_step = time.perf_counter(), start
+        for step in range(start, tc.num_steps):
+            batch = to_device(next(batches), self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = self.policy.compute_loss(batch)
+            if not torch.isfinite(loss):
+                latest = self.ckpt_dir / "latest"
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {step}; training stopped. The last good checkpoint "
+                    f"is {latest if latest.exists() else 'none (no checkpoint was written yet)'}."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = tc.grad_clip_norm if tc.grad_clip_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            self.optimizer.step()
+            self.lr_schedule.step()
+            done = step + 1
+            if self.ema is not None:
+                self.ema.update(self.policy, done)
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.num_steps:
+                now = time.perf_counter()
+                metrics = {
+                    "train/loss": loss.item(),
+                    "train/lr": self.lr_schedule.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/steps_per_s": (done - last_step) / max(now - t_last, 1e-9),
+                }
+                if self.ema is not None:
+                    metrics["train/ema_decay"] = self.ema.decay
+                t_last, last_step = now, done
+                self._log_metrics(done, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                log.info(
+                    "step %d loss %.5f lr %.3g grad %.3g",
+                    done,
+                    metrics["train/loss"],
+                    metrics["train/lr"],
+                    metrics["train/grad_norm"],
+                )
+            if tc.val_every and done % tc.val_every == 0:
+                val = self.validation_loss()
+                if val is not None:
+                    self._log_metrics(done, {"val/loss": val})
+                    log.info("step %d val loss %.5f", done, val)
+                self.policy.train()
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.num_steps:
+                report = self.closed_loop_eval(
+                    done, tc.eval_episodes, self.run_dir / "eval_during_training" / f"step{done:07d}"
+                )
+                self._after_eval(done, report)
+                self.policy.train()
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0:
+                self.save_latest(done)
+        bar.close()
+
+    def _after_eval(self, step: int, report: dict[str, Any]) -> None:
+        metrics = {
+            "eval/success_rate": report["success_rate"],
+            "eval/mean_max_reward": report["mean_max_reward"],
+        }
+        self._log_metrics(step, metrics)
+        log.info(
+            "step %d eval success %.3f mean max reward %.3f",
+            step,
+            metrics["eval/success_rate"],
+            metrics["eval/mean_max_reward"],
+        )
+        self._update_topk(step, report["mean_max_reward"], metrics)
+
+    def _finish(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        self.save_latest(tc.num_steps)
+        report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
+        self._after_eval(tc.num_steps, report)
+        self.save_latest(tc.num_steps)  # records the final top-k list too
+        plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
+        log.info(
+            "finished: success %.3f (95%% CI %.3f-%.3f) over %d episodes; report %s",
+            report["success_rate"],
+            *report["success_ci95"],
+            report["n_episodes"],
+            self.run_dir / "eval",
+        )
+        return report
+
+
+def plot_training_curves(metrics_file: Path, out: Path) -> Path | None:
+    """Loss (and validation loss, success rate when present) against step."""
+    if not metrics_file.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    series: dict[str, tuple[list, list]] = {}
+    for row in rows:
+        for key in ("train/loss", "val/loss", "eval/success_rate"):
+            if key in row:
+                series.setdefault(key, ([], []))
+                series[key][0].append(row["step"])
+                series[key][1].append(row[key])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for key in ("train/loss", "val/loss"):
+        if key in series:
+            axes[0].plot(*series[key], label=key)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    if "eval/success_rate" in series:
+        axes[1].plot(*series["eval/success_rate"], "o-")
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("closed-loop success rate")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

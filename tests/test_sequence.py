@@ -1,0 +1,374 @@
+"""SequenceDataset: the index convention, padding, rgb handling, lazy/cached equality, splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from diffpolicy.data.episodes import EpisodeStore
+from diffpolicy.data.sequence import SequenceDataset, prepare_obs, split_episodes
+
+IMG_H, IMG_W = 4, 5
+
+
+def step_value(ep: int, step: int) -> int:
+    return 100 * ep + step
+
+
+def build_store(lengths: list[int], path: Path | None = None, image_dtype=np.uint8) -> EpisodeStore:
+    """Episodes where every key at step s of episode e encodes 100*e + s (images: 10*e + s)."""
+    store = EpisodeStore.create(path)
+    for ep, length in enumerate(lengths):
+        steps = np.arange(length)
+        values = step_value(ep, steps).astype(np.float32)
+        img = np.empty((length, IMG_H, IMG_W, 3), dtype=image_dtype)
+        for c in range(3):
+            img[..., c] = (10 * ep + steps + 50 * c)[:, None, None]
+        store.add_episode(
+            {
+                "action": np.stack([values, -values], axis=1),
+                "act2": values[:, None],
+                "state": np.stack([values, values + 0.5, values * 2], axis=1),
+                "image": img,
+            }
+        )
+    return store
+
+
+LOW_DIM_META = {"obs": {"state": {"shape": [3], "type": "low_dim"}}, "action": {"shape": [2]}}
+RGB_META = {
+    "obs": {
+        "state": {"shape": [3], "type": "low_dim"},
+        "image": {"shape": [3, IMG_H, IMG_W], "type": "rgb"},
+    },
+    "action": {"shape": [2]},
+}
+
+
+def item_steps(item: dict) -> tuple[list[int], list[int]]:
+    """Decode (obs steps, action steps) from an item of a single-episode-0 dataset."""
+    return item["obs"]["state"][:, 0].long().tolist(), item["action"][:, 0].long().tolist()
+
+
+# ---------------------------------------------------------------------- the index convention
+def test_interior_start_and_end_windows():
+    ds = SequenceDataset(build_store([10]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4)
+    # pad_after defaults to n_action_steps - 1 = 3: t = 0 .. 10-1-3 = 6
+    assert len(ds) == 7
+    assert [ds.sample_location(i) for i in range(7)] == [(0, t) for t in range(7)]
+
+    start = ds[0]  # t = 0: obs steps -1, 0 -> clamped to 0; actions -1 .. 6
+    assert item_steps(start) == ([0, 0], [0, 0, 1, 2, 3, 4, 5, 6])
+    assert start["action_is_pad"].tolist() == [True] + [False] * 7
+
+    interior = ds[4]  # t = 4: obs 3, 4; actions 3 .. 10 (10 is past the end)
+    assert item_steps(interior) == ([3, 4], [3, 4, 5, 6, 7, 8, 9, 9])
+    assert interior["action_is_pad"].tolist() == [False] * 7 + [True]
+
+    end = ds[-1]  # t = 6: actions 5 .. 12; executed actions (offset 1..4) = steps 6..9, all real
+    assert item_steps(end) == ([5, 6], [5, 6, 7, 8, 9, 9, 9, 9])
+    assert end["action_is_pad"].tolist() == [False] * 5 + [True] * 3
+    executed = end["action"][ds.n_obs_steps - 1 : ds.n_obs_steps - 1 + ds.n_action_steps, 0]
+    assert executed.tolist() == [6, 7, 8, 9]
+    assert not end["action_is_pad"][1:5].any()
+
+    # second action column and obs columns carry the same step
+    assert torch.equal(end["action"][:, 1], -end["action"][:, 0])
+    assert end["obs"]["state"][:, 1].tolist() == [5.5, 6.5]
+
+
+def test_item_types_and_shapes():
+    ds = SequenceDataset(build_store([10]), RGB_META, horizon=8, n_obs_steps=2, n_action_steps=4)
+    item = ds[3]
+    assert item["obs"]["state"].dtype == torch.float32 and item["obs"]["state"].shape == (2, 3)
+    assert item["obs"]["image"].dtype == torch.float32 and item["obs"]["image"].shape == (2, 3, IMG_H, IMG_W)
+    assert item["action"].dtype == torch.float32 and item["action"].shape == (8, 2)
+    assert item["action_is_pad"].dtype == torch.bool and item["action_is_pad"].shape == (8,)
+
+
+def test_pad_after_zero_reaches_last_step():
+    ds = SequenceDataset(
+        build_store([6]), LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2, pad_after=0
+    )
+    assert len(ds) == 6
+    assert item_steps(ds[5]) == ([4, 5], [4, 5, 5, 5])
+    assert ds[5]["action_is_pad"].tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_episode_shorter_than_horizon_still_yields_one_sample(length: int):
+    ds = SequenceDataset(build_store([length]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4)
+    assert len(ds) == 1
+    obs, actions = item_steps(ds[0])
+    assert obs == [0, 0]
+    expected = [min(max(s, 0), length - 1) for s in range(-1, 7)]
+    assert actions == expected
+    assert ds[0]["action_is_pad"].tolist() == [s < 0 or s >= length for s in range(-1, 7)]
+
+
+def test_single_obs_step():
+    ds = SequenceDataset(build_store([6]), LOW_DIM_META, horizon=4, n_obs_steps=1, n_action_steps=4)
+    assert len(ds) == 3  # t = 0 .. 6-1-3
+    for i in range(3):
+        obs, actions = item_steps(ds[i])
+        assert obs == [i]
+        assert actions == [i, i + 1, i + 2, i + 3]  # executed actions start at t (offset 0)
+        assert not ds[i]["action_is_pad"].any()
+
+
+def test_windows_never_cross_episode_boundaries():
+    lengths = [7, 2, 5, 1]
+    ds = SequenceDataset(build_store(lengths), LOW_DIM_META, horizon=6, n_obs_steps=3, n_action_steps=2)
+    expected_counts = [max(0, n - 1 - 1) + 1 for n in lengths]
+    assert len(ds) == sum(expected_counts)
+    seen = []
+    for i in range(len(ds)):
+        ep, t = ds.sample_location(i)
+        seen.append(ep)
+        item = ds[i]
+        length = lengths[ep]
+        obs = item["obs"]["state"][:, 0].long().tolist()
+        act = item["action"][:, 0].long().tolist()
+        assert obs == [step_value(ep, min(max(s, 0), length - 1)) for s in range(t - 2, t + 1)]
+        assert act == [step_value(ep, min(max(s, 0), length - 1)) for s in range(t - 2, t + 4)]
+        pad = [s < 0 or s >= length for s in range(t - 2, t + 4)]
+        assert item["action_is_pad"].tolist() == pad
+    assert [seen.count(e) for e in range(4)] == expected_counts
+
+
+def test_episode_subset_and_action_key():
+    store = build_store([4, 5, 6])
+    meta = {"obs": {"state": {"shape": [3]}}, "action": {"shape": [1]}}
+    ds = SequenceDataset(
+        store, meta, horizon=2, n_obs_steps=1, n_action_steps=2, episodes=[2, 0], action_key="act2"
+    )
+    assert ds.n_episodes == 2 and ds.episode_ids.tolist() == [0, 2]
+    eps = {ds.sample_location(i)[0] for i in range(len(ds))}
+    assert eps == {0, 2}
+    last = ds[-1]
+    assert last["action"][:, 0].tolist() == [step_value(2, 4), step_value(2, 5)]
+    data = ds.get_normalizer_data()
+    assert sorted(data) == ["action", "state"]
+    expected = np.concatenate([step_value(0, np.arange(4)), step_value(2, np.arange(6))]).astype(np.float32)
+    np.testing.assert_array_equal(data["action"], expected[:, None])
+    np.testing.assert_array_equal(data["state"][:, 0], expected)
+    assert data["state"].shape == (10, 3) and data["state"].dtype == np.float32
+
+
+def test_normalizer_data_omits_rgb_and_matches_lazy():
+    store = build_store([3, 4])
+    cached = SequenceDataset(store, RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2)
+    lazy = SequenceDataset(store, RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2, cache_in_memory=False)
+    a, b = cached.get_normalizer_data(), lazy.get_normalizer_data()
+    assert sorted(a) == ["action", "state"] == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["action"].shape == (7, 2)
+
+
+# ---------------------------------------------------------------------- rgb
+@pytest.mark.parametrize("image_dtype", [np.uint8, np.float32])
+def test_rgb_conversion(image_dtype):
+    ds = SequenceDataset(
+        build_store([5, 5], image_dtype=image_dtype), RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2
+    )
+    i = next(i for i in range(len(ds)) if ds.sample_location(i) == (1, 2))
+    img = ds[i]["obs"]["image"]
+    assert img.shape == (2, 3, IMG_H, IMG_W)
+    for k, step in enumerate([1, 2]):
+        for c in range(3):
+            expected = (10 * 1 + step + 50 * c) / 255.0
+            torch.testing.assert_close(img[k, c], torch.full((IMG_H, IMG_W), expected))
+    assert img.min() >= 0.0 and img.max() <= 1.0
+
+
+class _RecordingArray:
+    def __init__(self, array, log: list, key: str):
+        self._array, self._log, self._key = array, log, key
+
+    def __getitem__(self, sel):
+        self._log.append((self._key, sel))
+        return self._array[sel]
+
+    def __getattr__(self, name):
+        return getattr(self._array, name)
+
+
+@pytest.fixture
+def read_log(monkeypatch: pytest.MonkeyPatch) -> list:
+    log: list = []
+    original = EpisodeStore.__getitem__
+
+    def recording(self, key):
+        return _RecordingArray(original(self, key), log, key)
+
+    monkeypatch.setattr(EpisodeStore, "__getitem__", recording)
+    return log
+
+
+def test_lazy_reads_only_needed_frames(read_log: list):
+    store = build_store([30])
+    ds = SequenceDataset(store, RGB_META, horizon=16, n_obs_steps=2, n_action_steps=8, cache_in_memory=False)
+    read_log.clear()
+    item = ds[10]
+    image_reads = [sel for key, sel in read_log if key == "image"]
+    action_reads = [sel for key, sel in read_log if key == "action"]
+    assert image_reads == [slice(9, 11)]  # the To = 2 frames, not the 16-step window
+    assert len(action_reads) == 1 and action_reads[0].stop - action_reads[0].start == 16
+    assert item["obs"]["image"][:, 0, 0, 0].mul(255).round().tolist() == [9, 10]
+
+
+def test_cache_reads_each_key_once(read_log: list):
+    store = build_store([3, 4, 5, 6])
+    SequenceDataset(store, RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2)
+    data_reads = [(key, sel) for key, sel in read_log if isinstance(sel, slice)]
+    assert sorted(key for key, _ in data_reads) == ["action", "image", "state"]
+    read_log.clear()
+    # Episodes 0, 1 and 3: two contiguous runs -> two reads per key, only those steps.
+    SequenceDataset(store, RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2, episodes=[0, 1, 3])
+    image_reads = [sel for key, sel in read_log if key == "image" and isinstance(sel, slice)]
+    assert image_reads == [slice(0, 7), slice(12, 18)]
+
+
+def test_lazy_and_cached_items_identical(tmp_path: Path):
+    store = build_store([9, 2, 6], path=tmp_path / "s.zarr")
+    kwargs = dict(horizon=6, n_obs_steps=3, n_action_steps=3, episodes=[0, 2])
+    cached = SequenceDataset(store, RGB_META, **kwargs)
+    lazy = SequenceDataset(tmp_path / "s.zarr", RGB_META, cache_in_memory=False, **kwargs)
+    assert len(cached) == len(lazy) > 0
+    for i in range(len(cached)):
+        a, b = cached[i], lazy[i]
+        assert torch.equal(a["action"], b["action"])
+        assert torch.equal(a["action_is_pad"], b["action_is_pad"])
+        for key in a["obs"]:
+            assert torch.equal(a["obs"][key], b["obs"][key])
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_dataloader_workers_lazy(tmp_path: Path, as_zip: bool):
+    path = tmp_path / "s.zarr"
+    store = build_store([8, 5, 7], path=path)
+    if as_zip:
+        path = store.save_zip(tmp_path / "s.zarr.zip")
+    ds = SequenceDataset(
+        str(path), RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2, cache_in_memory=False
+    )
+    loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=2)
+    batches = list(loader)
+    actions = torch.cat([b["action"] for b in batches])
+    images = torch.cat([b["obs"]["image"] for b in batches])
+    assert actions.shape == (len(ds), 4, 2) and images.shape == (len(ds), 2, 3, IMG_H, IMG_W)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert torch.equal(actions[i], item["action"])
+        assert torch.equal(images[i], item["obs"]["image"])
+
+
+# ---------------------------------------------------------------------- validation
+def test_constructor_errors():
+    store = build_store([5])
+    with pytest.raises(KeyError, match=r"'wrist'.*\['act2', 'action', 'image', 'state'\]"):
+        SequenceDataset(
+            store,
+            {"obs": {"wrist": {"shape": [3], "type": "rgb"}}, "action": {"shape": [2]}},
+            horizon=4,
+            n_obs_steps=2,
+            n_action_steps=2,
+        )
+    with pytest.raises(KeyError, match="'act'"):
+        SequenceDataset(store, LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2, action_key="act")
+    with pytest.raises(ValueError, match=r"'state'.*\[4\].*\[3\]"):
+        SequenceDataset(
+            store,
+            {"obs": {"state": {"shape": [4]}}, "action": {"shape": [2]}},
+            horizon=4,
+            n_obs_steps=2,
+            n_action_steps=2,
+        )
+    with pytest.raises(ValueError, match=r"'image'.*\[3, 5, 4\].*\(4, 5, 3\)"):
+        bad_rgb = {"obs": {"image": {"shape": [3, 5, 4], "type": "rgb"}}, "action": {"shape": [2]}}
+        SequenceDataset(store, bad_rgb, horizon=4, n_obs_steps=2, n_action_steps=2)
+    with pytest.raises(ValueError, match="'state'.*rgb"):
+        SequenceDataset(
+            store,
+            {"obs": {"state": {"shape": [3], "type": "depth"}}, "action": {"shape": [2]}},
+            horizon=4,
+            n_obs_steps=2,
+            n_action_steps=2,
+        )
+    with pytest.raises(ValueError, match=r"'action'.*\[3\].*\[2\]"):
+        bad_action = {"obs": {}, "action": {"shape": [3]}}
+        SequenceDataset(store, bad_action, horizon=4, n_obs_steps=2, n_action_steps=2)
+    with pytest.raises(ValueError, match="horizon"):
+        SequenceDataset(store, LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=4)
+    with pytest.raises(ValueError, match="n_obs_steps"):
+        SequenceDataset(store, LOW_DIM_META, horizon=4, n_obs_steps=0, n_action_steps=2)
+    with pytest.raises(ValueError, match="episode id 3 out of range"):
+        SequenceDataset(store, LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2, episodes=[0, 3])
+    with pytest.raises(ValueError, match="episode id 0 listed more than once"):
+        SequenceDataset(store, LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2, episodes=[0, 0])
+    ds = SequenceDataset(store, LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2)
+    with pytest.raises(IndexError, match="sample index 4"):
+        ds[len(ds)]
+
+
+# ---------------------------------------------------------------------- prepare_obs
+def test_prepare_obs():
+    low = prepare_obs(np.arange(6, dtype=np.float64).reshape(2, 3), "low_dim")
+    assert low.dtype == np.float32 and low.shape == (2, 3)
+    frames = np.zeros((2, 3, 4, 5, 3), dtype=np.uint8)  # (B, T, H, W, C)
+    frames[..., 1] = 255
+    out = prepare_obs(frames, "rgb")
+    assert out.dtype == np.float32 and out.shape == (2, 3, 3, 4, 5)
+    assert out[:, :, 1].min() == 1.0 and out[:, :, 0].max() == 0.0
+    np.testing.assert_array_equal(prepare_obs(frames.astype(np.float32), "rgb"), out)
+    with pytest.raises(ValueError, match="unknown obs type 'depth'"):
+        prepare_obs(frames, "depth")
+    with pytest.raises(ValueError, match="int16"):
+        prepare_obs(frames.astype(np.int16), "rgb")
+
+
+# ---------------------------------------------------------------------- split_episodes
+def test_split_episodes_properties():
+    train, val = split_episodes(50, val_ratio=0.2, seed=3)
+    assert len(val) == 10 and len(train) == 40
+    assert not set(train) & set(val)
+    assert sorted([*train, *val]) == list(range(50))
+    assert list(train) == sorted(train) and list(val) == sorted(val)
+    again = split_episodes(50, val_ratio=0.2, seed=3)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    other = split_episodes(50, val_ratio=0.2, seed=4)
+    assert not np.array_equal(val, other[1])
+
+
+def test_split_episodes_edge_cases():
+    train, val = split_episodes(5, val_ratio=0.01, seed=0)
+    assert len(val) == 1 and len(train) == 4
+    train, val = split_episodes(5, val_ratio=0.99, seed=0)
+    assert len(train) == 1 and len(val) == 4
+    train, val = split_episodes(1, val_ratio=0.5, seed=0)
+    assert train.tolist() == [0] and val.tolist() == []
+    train, val = split_episodes(5, val_ratio=0.0, seed=0)
+    assert train.tolist() == [0, 1, 2, 3, 4] and val.size == 0
+
+
+def test_split_episodes_max_train():
+    full_train, val = split_episodes(40, val_ratio=0.25, seed=7)
+    train, val2 = split_episodes(40, val_ratio=0.25, seed=7, max_train_episodes=5)
+    assert np.array_equal(val, val2)  # validation set unchanged by subsampling
+    assert len(train) == 5 and set(train) <= set(full_train)
+    assert np.array_equal(train, split_episodes(40, 0.25, 7, max_train_episodes=5)[0])
+    assert len(split_episodes(40, 0.25, 7, max_train_episodes=100)[0]) == 30
+
+
+def test_split_episodes_errors():
+    with pytest.raises(ValueError, match="n_episodes"):
+        split_episodes(0, 0.1, 0)
+    with pytest.raises(ValueError, match="val_ratio"):
+        split_episodes(10, 1.0, 0)
+    with pytest.raises(ValueError, match="max_train_episodes"):
+        split_episodes(10, 0.1, 0, max_train_episodes=0)
