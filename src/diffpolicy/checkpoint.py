@@ -137,7 +137,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
             f"shape mismatches {wrong[:5]}"
         )
     policy.load_state_dict(state)
-    if not bool(policy.normalizer.fitted):
+    if not policy.normalizer.is_fitted:
         raise CheckpointError(f"{path}: the normalizer was saved unfitted")
     return policy.to(device).eval(), run_cfg
 

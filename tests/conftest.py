@@ -1,0 +1,49 @@
+"""Shared fixtures: a small trajectory2d demonstration store and tiny run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffpolicy.collect import collect
+from diffpolicy.config import RunConfig, load_config
+
+# Small enough that a train step takes milliseconds on 2 CPU cores.
+TINY = [
+    "policy.unet.down_dims=[16,32]",
+    "policy.unet.diffusion_step_embed_dim=16",
+    "policy.unet.n_groups=4",
+    "policy.transformer.n_layer=1",
+    "policy.transformer.n_emb=32",
+    "policy.transformer.n_head=2",
+    "policy.scheduler.num_inference_steps=10",
+    "train.batch_size=32",
+    "train.num_steps=24",
+    "train.warmup_steps=4",
+    "train.log_every=4",
+    "train.val_every=8",
+    "train.checkpoint_every=8",
+    "eval.n_episodes=4",
+    "eval.n_envs=4",
+    "eval.max_steps=40",
+    "collect.n_episodes=12",
+]
+
+
+def tiny_config(*overrides: str, preset: str = "trajectory2d_lowdim_unet") -> RunConfig:
+    return load_config(preset, TINY + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)  # keeps the suite's timing stable on the 2-core CI machine
+    yield
+
+
+@pytest.fixture(scope="session")
+def traj_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "demos.zarr"
+    collect(tiny_config(), path, progress=False)
+    return path

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from diffpolicy.cli import main
+from diffpolicy.data.episodes import EpisodeStore
+
+
+def test_collect_writes_a_store_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "d.zarr"
+    assert main(["collect", "--task", "trajectory2d", "--episodes", "3", "--out", str(out)]) == 0
+    store = EpisodeStore.open(out)
+    assert store.n_episodes == 3 and list(store.attrs["seeds"]) == [0, 1, 2]
+    assert main(["collect", "--task", "trajectory2d", "--episodes", "3", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert EpisodeStore.open(out).n_episodes == 3  # untouched
+
+
+def test_collection_seeds_may_not_reach_evaluation_seeds(tmp_path, capsys):
+    out = tmp_path / "d.zarr"
+    assert (
+        main(["collect", "--task", "trajectory2d", "--episodes", "3", "--seed", "100001", "--out", str(out)])
+        == 2
+    )
+    assert "overlap the evaluation seeds" in capsys.readouterr().err
+
+
+def test_unknown_key_is_a_clear_error(capsys):
+    assert main(["train", "--preset", "trajectory2d_lowdim_unet", "train.bach_size=3"]) == 2
+    assert "unknown config key 'train.bach_size'" in capsys.readouterr().err
+
+
+def test_train_then_eval(tmp_path, traj_store, capsys):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--run-dir",
+        str(run),
+        "--preset",
+        "trajectory2d_lowdim_unet",
+        f"data.path={traj_store}",
+        "train.num_steps=8",
+        "train.batch_size=16",
+        "policy.unet.down_dims=[16,32]",
+        "policy.unet.n_groups=4",
+        "policy.scheduler.num_inference_steps=4",
+        "eval.n_episodes=2",
+        "eval.n_envs=2",
+        "eval.max_steps=20",
+    ]
+    assert main(args) == 0
+    assert "success" in capsys.readouterr().out
+    out = tmp_path / "ev"
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run / "checkpoints" / "latest"),
+                "--episodes",
+                "3",
+                "--out",
+                str(out),
+                "eval.sampler=ddim",
+                "eval.n_videos=1",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_episodes"] == 3 and report["sampler"] == "DDIMScheduler"
+    assert any(v.endswith(".mp4") for v in report["videos"]) and any(
+        v.endswith(".gif") for v in report["videos"]
+    )
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "latest"), "policy.horizon=8"]) == 2
+
+
+@pytest.mark.parametrize("argv", [["presets"]])
+def test_presets_listed(argv, capsys):
+    assert main(argv) == 0
+    assert "trajectory2d_lowdim_unet" in capsys.readouterr().out

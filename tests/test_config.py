@@ -1,0 +1,44 @@
+import pytest
+
+from diffpolicy.config import ConfigError, available_presets, from_dict, load_config, to_dict
+
+
+def test_presets_load_and_roundtrip():
+    names = available_presets()
+    assert "trajectory2d_lowdim_unet" in names and "trajectory2d_lowdim_transformer" in names
+    for name in names:
+        cfg = load_config(name)
+        assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("trajectory2d_lowdim_unet", ["train.batch_size=64", "policy.unet.down_dims=[8,16]"])
+    assert cfg.train.batch_size == 64 and cfg.policy.unet.down_dims == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.bach_size=3", "unknown config key 'train.bach_size'"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("train.batch_size=big", "bad value for 'train.batch_size'"),
+        ("policy.net=lstm", "policy.net='lstm' is not one of"),
+        ("policy.horizon=4", "policy.horizon=4 is too short"),
+        ("train.batch_size", "must look like key.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        load_config("trajectory2d_lowdim_unet", [override])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset 'nope' not found"):
+        load_config("nope")
+
+
+def test_preset_with_unknown_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.lr_rate'"):
+        load_config(path)

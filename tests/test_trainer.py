@@ -1,0 +1,159 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from diffpolicy.checkpoint import load_policy, load_training_state
+from diffpolicy.training.trainer import EpochBatchSampler, ResumeMismatch, Trainer, TrainingDiverged
+
+
+def make_cfg(store, *extra):
+    return tiny_config(f"data.path={store}", "eval.n_episodes=2", "eval.n_envs=2", *extra)
+
+
+def test_run_folder_holds_everything(tmp_path, traj_store):
+    report = Trainer(make_cfg(traj_store), tmp_path / "run").fit()
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "train.log",
+        "metrics.jsonl",
+        "tb",
+        "training_curves.png",
+        "checkpoints/latest/model.safetensors",
+        "checkpoints/latest/training_state.pt",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/rollouts.png",
+    ):
+        assert (run / name).exists(), name
+    assert report["n_episodes"] == 2 and 0.0 <= report["success_rate"] <= 1.0
+    topk = list((run / "checkpoints" / "topk").iterdir())
+    assert len(topk) == 1 and topk[0].name.startswith("step=0000024")
+    policy, cfg = load_policy(run / "checkpoints" / "latest")
+    assert cfg.train.num_steps == 24 and not policy.training
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/loss" in r for r in rows) and any("train/loss" in r for r in rows)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class KilledAfterCheckpoint(Trainer):
+    """Dies right after writing the checkpoint at `kill_at`, as a killed process would."""
+
+    kill_at = 16
+
+    def save_latest(self, step):
+        super().save_latest(step)
+        if step == self.kill_at:
+            raise Interrupted
+
+
+@pytest.mark.parametrize("net", ["unet", "transformer"])
+def test_resume_continues_exactly(tmp_path, traj_store, net):
+    cfg = make_cfg(traj_store, f"policy.net={net}")
+    Trainer(cfg, tmp_path / "straight").fit()
+    with pytest.raises(Interrupted):
+        KilledAfterCheckpoint(cfg, tmp_path / "resumed").fit()
+    assert load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")["step"] == 16
+    Trainer(cfg, tmp_path / "resumed").fit()
+    a = load_training_state(tmp_path / "straight" / "checkpoints" / "latest")
+    b = load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")
+    assert a["step"] == b["step"] == 24
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+
+
+def test_killed_process_resumes_from_latest(tmp_path, traj_store):
+    """A real SIGKILL mid-run, then the same command again: it continues from the last checkpoint."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffpolicy.cli",
+        "train",
+        "--preset",
+        "trajectory2d_lowdim_unet",
+        "--run-dir",
+        str(run),
+        f"data.path={traj_store}",
+        "train.num_steps=400",
+        "train.checkpoint_every=20",
+        "train.val_every=0",
+        "eval.n_episodes=2",
+        "eval.n_envs=2",
+        "eval.max_steps=20",
+        "policy.unet.down_dims=[16,32]",
+        "policy.unet.n_groups=4",
+        "train.batch_size=16",
+        "policy.scheduler.num_inference_steps=4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = run / "checkpoints" / "latest" / "training_state.pt"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert latest.exists(), (
+        proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in time"
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = load_training_state(run / "checkpoints" / "latest")["step"]
+    assert 20 <= step < 400
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {run / 'checkpoints' / 'latest'} at step" in (run / "train.log").read_text()
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 400
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, traj_store, monkeypatch):
+    from diffpolicy.policy import DiffusionPolicy
+
+    calls = {"n": 0}
+    original = DiffusionPolicy.compute_loss
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * float("nan") if calls["n"] == 13 else loss
+
+    monkeypatch.setattr(DiffusionPolicy, "compute_loss", flaky)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 12.*checkpoints/latest"):
+        Trainer(make_cfg(traj_store), tmp_path / "run").fit()
+    state = load_training_state(tmp_path / "run" / "checkpoints" / "latest")
+    assert state["step"] == 8
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_different_config(tmp_path, traj_store):
+    with pytest.raises(Interrupted):
+        KilledAfterCheckpoint(make_cfg(traj_store), tmp_path / "run").fit()
+    with pytest.raises(ResumeMismatch, match="policy.horizon: 16 -> 24"):
+        Trainer(make_cfg(traj_store, "policy.horizon=24"), tmp_path / "run").fit()
+
+
+def test_epoch_sampler_is_a_pure_function_of_the_step():
+    full = EpochBatchSampler(n=50, batch_size=8, seed=3)
+    it = iter(full)
+    batches = [next(it) for _ in range(20)]
+    resumed = iter(EpochBatchSampler(n=50, batch_size=8, seed=3, start_step=13))
+    assert [next(resumed) for _ in range(7)] == batches[13:]
+    epoch0 = sum(batches[:6], [])
+    assert len(set(epoch0)) == 48  # no repeats inside an epoch
+    ranks = [iter(EpochBatchSampler(n=50, batch_size=4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    first = [next(r) for r in ranks]
+    assert first[0] + first[1] == batches[0]  # ranks split the global batch
+    tiny = iter(EpochBatchSampler(n=3, batch_size=8, seed=0))
+    assert sorted(set(next(tiny))) == [0, 1, 2]
+    with pytest.raises(ValueError, match="empty"):
+        EpochBatchSampler(n=0, batch_size=8, seed=0)
