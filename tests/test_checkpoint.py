@@ -1,11 +1,11 @@
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
+from test_policy import SHAPE_META, batch, build
+
 from diffpolicy.checkpoint import CheckpointError, load_policy, save_checkpoint
 from diffpolicy.policy import DiffusionPolicy, MseBCPolicy
-from test_policy import SHAPE_META, batch, build
 
 
 def predict(policy):

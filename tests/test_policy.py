@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.policy import DiffusionPolicy, MseBCPolicy, NonFiniteActionError, make_policy
 

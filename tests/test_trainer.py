@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from diffpolicy.checkpoint import load_policy, load_training_state
 from diffpolicy.training.trainer import EpochBatchSampler, ResumeMismatch, Trainer, TrainingDiverged
 
