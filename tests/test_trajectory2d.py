@@ -3,7 +3,7 @@ import pytest
 
 from diffpolicy.tasks import make_task
 from diffpolicy.tasks.base import Rollout
-from diffpolicy.tasks.trajectory2d import FOLLOW_THRESHOLD, distance_to_path, figure_eight, first_lobe
+from diffpolicy.tasks.trajectory2d import FOLLOW_MAX_DISTANCE, distance_to_path, figure_eight, mode_side
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_expert_succeeds_in_both_directions(task):
         episode, ok = task.collect_episode(seed)
         assert ok and episode["pos"].shape == episode["action"].shape and episode["pos"].shape[1] == 2
         assert distance_to_path(episode["pos"]).mean() < 0.01
-        directions.append(first_lobe(episode["pos"]))
+        directions.append(mode_side(episode["pos"]))
     assert set(directions) == {1, -1}
     assert 0.2 < np.mean(np.array(directions) > 0) < 0.8
 
@@ -45,23 +45,27 @@ def test_modes_are_classified(task, tmp_path):
     forward, ok = task.collect_episode(seed=next(s for s in range(50) if task_direction(task, s) > 0))
     reverse, _ = task.collect_episode(seed=next(s for s in range(50) if task_direction(task, s) < 0))
     stuck = np.zeros((100, 2))
-    wobbly = forward["pos"] + np.array([0.0, 0.2])
+    # mode averaging: straight through the right lobe's middle, then back on the lower branch
+    shortcut = reverse["pos"].copy()
+    right = shortcut[:, 0] > 0
+    shortcut[right, 1] = np.where(shortcut[right, 1] < 0, shortcut[right, 1] * 0.3, 0.0)
     rollouts = [
         rollout(0, forward["pos"], True),
         rollout(1, reverse["pos"], True),
         rollout(2, stuck, False),
-        rollout(3, wobbly, True),
+        rollout(3, shortcut, True),
     ]
     summary = task.summarize(rollouts, tmp_path)
     assert summary["modes"] == ["forward", "reverse", "none", "none"]
     assert summary["forward_fraction"] == summary["reverse_fraction"] == summary["no_mode_fraction"] / 2
-    assert summary["follow_threshold"] == FOLLOW_THRESHOLD
+    assert summary["follow_max_distance"] == FOLLOW_MAX_DISTANCE
+    assert distance_to_path(shortcut).mean() < 0.1  # a mean-distance criterion alone would not catch it
     assert (tmp_path / "rollouts.png").stat().st_size > 1000
 
 
 def task_direction(task, seed):
     episode, _ = task.collect_episode(seed)
-    return first_lobe(episode["pos"])
+    return mode_side(episode["pos"])
 
 
 def test_env_contract(task):

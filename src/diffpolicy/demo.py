@@ -45,9 +45,9 @@ def acceptance(diffusion: dict[str, Any], baseline: dict[str, Any]) -> list[tupl
             d["reverse_fraction"] >= MIN_MODE_FRACTION,
         ),
         (
-            f"diffusion mean distance to the path < {d['follow_threshold']} "
+            f"diffusion mean distance to the path < {d['close_mean_distance']} "
             f"({d['mean_distance_to_path']:.4f})",
-            d["mean_distance_to_path"] < d["follow_threshold"],
+            d["mean_distance_to_path"] < d["close_mean_distance"],
         ),
         (
             f"MSE-BC stays on a path in <= {MAX_BASELINE_FOLLOW:.0%} of rollouts ({follow_b:.0%})",

@@ -11,6 +11,7 @@ with a configurable number of steps. Nothing about the samplers is re-implemente
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ def normalizer_spec(shape_meta: dict[str, Any], overrides: dict[str, str]) -> di
     spec: dict[str, tuple[str, int]] = {}
     for key, meta in shape_meta["obs"].items():
         default = "image" if meta.get("type") == "rgb" else "minmax"
-        spec[key] = (overrides.get(key, default), int(meta["shape"][0]) if default == "minmax" else 1)
+        # low-dim keys are normalized per flattened feature (e.g. Push-T's 9 x 2 keypoints -> 18)
+        spec[key] = (overrides.get(key, default), math.prod(meta["shape"]) if default == "minmax" else 1)
     spec["action"] = (overrides.get("action", "minmax"), int(shape_meta["action"]["shape"][0]))
     return spec
 
@@ -120,7 +122,10 @@ class BasePolicy(nn.Module):
                 raise ValueError(
                     f"observation '{key}' needs shape (B, >= {self.n_obs_steps}, ...), got {tuple(x.shape)}"
                 )
-            window[key] = x[:, -self.n_obs_steps :]  # the most recent To steps
+            x = x[:, -self.n_obs_steps :]  # the most recent To steps
+            if self.shape_meta["obs"][key].get("type", "low_dim") == "low_dim":
+                x = x.reshape(*x.shape[:2], -1)  # multi-dimensional low-dim keys become flat features
+            window[key] = x
         return self.obs_encoder(self.normalizer.normalize_obs(window))
 
     def global_cond(self, features: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ key order so a checkpoint always sees the same layout.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ class ObsEncoder(nn.Module):
         if unknown:
             raise ValueError(f"observation keys {unknown} have an unknown type (expected low_dim or rgb)")
         self.shapes = {k: tuple(int(s) for s in m["shape"]) for k, m in obs_meta.items()}
+        for k in self.low_dim_keys:  # low-dim inputs arrive flattened (see BasePolicy.encode_obs)
+            self.shapes[k] = (math.prod(self.shapes[k]),)
         self.rgb = None
         rgb_dim = 0
         if self.rgb_keys:

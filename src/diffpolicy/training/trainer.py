@@ -345,6 +345,9 @@ class Trainer:
                 num_workers=tc.num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=tc.num_workers > 0,
+                # its own generator: creating the iterator must not consume the global RNG, or a
+                # resumed run would draw different noise than the run it continues
+                generator=torch.Generator().manual_seed(tc.seed),
             )
             self._train_loop(start, iter(loader))
             return self._finish()
