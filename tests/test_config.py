@@ -42,3 +42,13 @@ def test_preset_with_unknown_key(tmp_path):
     path.write_text("train:\n  lr_rate: 1.0\n")
     with pytest.raises(ConfigError, match="unknown config key 'train.lr_rate'"):
         load_config(path)
+
+
+def test_with_overrides_copies_and_checks():
+    from diffpolicy.config import with_overrides
+
+    cfg = load_config("trajectory2d_lowdim_unet")
+    other = with_overrides(cfg, ["eval.n_episodes=7"])
+    assert other.eval.n_episodes == 7 and cfg.eval.n_episodes == 50
+    with pytest.raises(ConfigError, match="unknown config key 'eval.n_episode'"):
+        with_overrides(cfg, ["eval.n_episode=7"])

@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.checkpoint import load_policy
-    from diffpolicy.config import from_dict, to_dict
+    from diffpolicy.config import with_overrides
     from diffpolicy.evaluation import evaluate
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
@@ -72,13 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"diffpolicy eval accepts only eval.* overrides, got {bad}")
-    data = to_dict(saved)
-    cfg = from_dict(data)
-    if args.overrides:
-        from omegaconf import OmegaConf
-
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(args.overrides))
-        cfg = OmegaConf.to_object(merged)
+    cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
     task = make_task(cfg.task.name, **cfg.task.kwargs)

@@ -226,6 +226,23 @@ def _wrap(err: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}: bad value for '{key}': {first}")
 
 
+def _merge_overrides(merged: Any, overrides: list[str]) -> Any:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, f"override '{item}'") from None
+    return merged
+
+
+def _to_run_config(merged: Any) -> RunConfig:
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Build a RunConfig: dataclass defaults <- preset YAML (name or path) <- dotted overrides."""
     merged = OmegaConf.structured(RunConfig)
@@ -243,16 +260,12 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
             merged = OmegaConf.merge(merged, OmegaConf.create(data))
         except OmegaConfBaseException as e:
             raise _wrap(e, f"preset {path.name}") from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.path=value")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise _wrap(e, f"override '{item}'") from None
-    obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, RunConfig)
-    return obj
+    return _to_run_config(_merge_overrides(merged, overrides or []))
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of `cfg` with dotted overrides applied (same checks as load_config)."""
+    return _to_run_config(_merge_overrides(OmegaConf.structured(cfg), overrides))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -265,9 +278,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
     except OmegaConfBaseException as e:
         raise _wrap(e, "saved config") from None
-    obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, RunConfig)
-    return obj
+    return _to_run_config(merged)
 
 
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
