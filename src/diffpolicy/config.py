@@ -153,6 +153,7 @@ class EvalConfig:
     n_envs: int = 10
     max_steps: int | None = None  # None -> the task's own limit
     n_videos: int = 0
+    n_action_steps: int | None = None  # actions executed per chunk; None -> policy.n_action_steps
     temporal_ensemble: bool = False
     ensemble_decay: float = 0.1  # weight exp(-decay * age) of older chunks when ensembling
     sampler: str | None = None  # override policy.scheduler.sampler at evaluation

@@ -45,6 +45,7 @@ def run_rollouts(
     generator = torch.Generator(device=policy.device).manual_seed(first_seed)
     controller = RecedingHorizonController(
         policy,
+        n_action_steps=cfg.n_action_steps,
         temporal_ensemble=cfg.temporal_ensemble,
         ensemble_decay=cfg.ensemble_decay,
         generator=generator,
@@ -105,6 +106,10 @@ def run_rollouts(
     return rollouts
 
 
+def controller_steps(policy: torch.nn.Module, cfg: EvalConfig) -> int:
+    return cfg.n_action_steps or policy.n_action_steps
+
+
 def write_video(frames: list[np.ndarray], path: Path, fps: int = 10) -> list[Path]:
     """mp4 (imageio-ffmpeg ships its own ffmpeg) and gif of the same frames."""
     import imageio.v2 as imageio
@@ -157,6 +162,7 @@ def evaluate(
         "wall_time_s": elapsed,
         "sampler": getattr(policy, "sampler", None) and type(policy.sampler).__name__,
         "num_inference_steps": getattr(policy, "num_inference_steps", None),
+        "n_action_steps": controller_steps(policy, cfg),
         "temporal_ensemble": cfg.temporal_ensemble,
         "task_metrics": task.summarize(rollouts, out_dir),
         "videos": videos,
@@ -182,8 +188,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- success rate: {report['success_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f})",
         f"- mean max reward: {report['mean_max_reward']:.3f}",
         f"- mean episode length: {report['mean_episode_length']:.1f}",
-        f"- sampler: {report['sampler']} x {report['num_inference_steps']}, "
-        f"temporal ensembling: {report['temporal_ensemble']}",
+        f"- sampler: {report['sampler']} x {report['num_inference_steps']}, actions per chunk: "
+        f"{report['n_action_steps']}, temporal ensembling: {report['temporal_ensemble']}",
         f"- wall time: {report['wall_time_s']:.1f} s",
     ]
     metrics = {k: v for k, v in report["task_metrics"].items() if not isinstance(v, list | dict)}
