@@ -12,7 +12,8 @@ figure-eight once, in a direction chosen at random per episode; both directions 
 At the start both modes are equally likely, so a regressor trained with MSE averages "up-right" and
 "down-right" into "straight right", through the middle of the lobe where no demonstration goes (the
 tree-in-the-road example of the Diffusion Policy paper), while a diffusion policy commits to one side.
-Observation: the point's position; action: the absolute position the point is commanded to (it moves
+Observation: the point's position and its last displacement (velocity per step, zero at the start); action:
+the absolute position the point is commanded to (it moves
 there at up to `max_speed` per step). An episode succeeds when the point has passed both lobe tips
 (|x| > 0.8) and returned to the origin.
 """
@@ -77,13 +78,17 @@ class Trajectory2DEnv(gym.Env):
         self.render_size = render_size
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Dict(
-            {"pos": gym.spaces.Box(-BOUND, BOUND, shape=(2,), dtype=np.float32)}
+            {
+                "pos": gym.spaces.Box(-BOUND, BOUND, shape=(2,), dtype=np.float32),
+                "vel": gym.spaces.Box(-max_speed, max_speed, shape=(2,), dtype=np.float32),
+            }
         )
         self.action_space = gym.spaces.Box(-BOUND, BOUND, shape=(2,), dtype=np.float32)
         self.pos = np.zeros(2)
+        self.vel = np.zeros(2)
 
     def _obs(self) -> dict[str, np.ndarray]:
-        return {"pos": self.pos.astype(np.float32)}
+        return {"pos": self.pos.astype(np.float32), "vel": self.vel.astype(np.float32)}
 
     def _info(self) -> dict[str, Any]:
         return {"is_success": self.success}
@@ -93,6 +98,7 @@ class Trajectory2DEnv(gym.Env):
         r = self.start_radius * np.sqrt(self.np_random.uniform())
         a = self.np_random.uniform(0, 2 * np.pi)
         self.pos = np.array([r * np.cos(a), r * np.sin(a)])
+        self.vel = np.zeros(2)
         self.t = 0
         self.visited = {+1: False, -1: False}  # right / left lobe tip passed
         self.success = False
@@ -107,6 +113,7 @@ class Trajectory2DEnv(gym.Env):
         if norm > self.max_speed:
             delta *= self.max_speed / norm
         self.pos = self.pos + delta
+        self.vel = delta
         self.t += 1
         for side in (+1, -1):
             if side * self.pos[0] > LOBE_TIP:
@@ -157,7 +164,10 @@ class Trajectory2DTask(Task):
         self.env_kwargs = dict(max_steps=max_steps, start_radius=start_radius, max_speed=max_speed)
 
     def shape_meta(self) -> dict[str, Any]:
-        return {"obs": {"pos": {"shape": [2], "type": "low_dim"}}, "action": {"shape": [2]}}
+        return {
+            "obs": {"pos": {"shape": [2], "type": "low_dim"}, "vel": {"shape": [2], "type": "low_dim"}},
+            "action": {"shape": [2]},
+        }
 
     def make_env(self, render: bool = False) -> gym.Env:
         return Trajectory2DEnv(**self.env_kwargs, render_mode="rgb_array" if render else None)
@@ -166,15 +176,16 @@ class Trajectory2DTask(Task):
         env = self.make_env()
         expert = FigureEightExpert(seed)
         obs, info = env.reset(seed=seed)
-        positions, actions = [], []
+        steps: dict[str, list[np.ndarray]] = {"pos": [], "vel": [], "action": []}
         for k in range(self.max_episode_steps):
             action = expert.act(k)
-            positions.append(obs["pos"])
-            actions.append(action)
+            for key in ("pos", "vel"):
+                steps[key].append(obs[key])
+            steps["action"].append(action)
             obs, _, terminated, truncated, info = env.step(action)
             if terminated or truncated:
                 break
-        return {"pos": np.stack(positions), "action": np.stack(actions)}, bool(info["is_success"])
+        return {k: np.stack(v) for k, v in steps.items()}, bool(info["is_success"])
 
     def summarize(self, rollouts: list[Rollout], out_dir: Path) -> dict[str, Any]:
         """Which mode each rollout followed, its distance to the path, and a plot coloured by mode."""
