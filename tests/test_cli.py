@@ -79,3 +79,13 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
 def test_presets_listed(argv, capsys):
     assert main(argv) == 0
     assert "trajectory2d_lowdim_unet" in capsys.readouterr().out
+
+
+def test_overrides_may_surround_options(tmp_path, capsys):
+    out = tmp_path / "d.zarr"
+    argv = ["collect", "collect.n_episodes=2", "--task", "trajectory2d", "--out", str(out), "collect.seed=5"]
+    assert main(argv) == 0
+    assert list(EpisodeStore.open(out).attrs["seeds"]) == [5, 6]
+    with pytest.raises(SystemExit):
+        main(["collect", "--bogus", "--out", str(out)])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def test_loss_excludes_padded_actions():
     torch.manual_seed(0)
     noise = torch.randn(4, 16, 2)  # the first draw compute_loss makes is the noise
     keep = ~b["action_is_pad"]
-    expected = ((preds[0] - noise) ** 2)[keep].mean()
+    expected = (((preds[0] - noise) ** 2) * keep[..., None]).sum() / noise.numel()
     assert torch.allclose(loss, expected)
     assert not torch.allclose(loss, ((preds[0] - noise) ** 2).mean())
 

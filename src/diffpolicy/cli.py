@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "(diffpolicy collect ...) and pass data.path=<store>"
         )
     report = Trainer(cfg, run_dir, resume=not args.no_resume).fit()
-    _print_summary(report, run_dir / "eval")
+    if report:  # empty on ranks other than 0 under torchrun
+        _print_summary(report, run_dir / "eval")
     return 0
 
 
@@ -155,7 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may stand anywhere (`train a=1 --preset p b=2`); argparse alone takes one positional run.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"'{args.command}' takes no overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     console = logging.StreamHandler()
     console.setLevel(logging.INFO if args.verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(message)s"))

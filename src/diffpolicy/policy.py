@@ -165,9 +165,16 @@ class BasePolicy(nn.Module):
         return {"action": action_pred[:, start : start + self.n_action_steps], "action_pred": action_pred}
 
     def masked_mse(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the entries where mask is True (padding excluded)."""
-        err = F.mse_loss(pred, target, reduction="none") * mask
-        return err.sum() / mask.sum().clamp(min=1)
+        """Squared error where mask is True (padding contributes zero), averaged over all entries.
+
+        Dividing by the entry count rather than the unmasked count makes the mean over DDP ranks equal
+        the loss of the whole global batch exactly, whatever padding each rank's slice holds.
+        """
+        return (F.mse_loss(pred, target, reduction="none") * mask).mean()
+
+    def forward(self, batch: dict[str, Any], **kwargs: Any) -> torch.Tensor:
+        """The training loss; `forward` so that DistributedDataParallel can wrap the policy."""
+        return self.compute_loss(batch, **kwargs)
 
     # ----- checkpoints --------------------------------------------------------------------------
     @classmethod
@@ -208,15 +215,51 @@ class DiffusionPolicy(BasePolicy):
         cond_mask[:, : self.n_obs_steps, self.action_dim :] = True
         return traj, None, cond_mask
 
-    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """DDPM objective: predict the noise (or the clean chunk) of a randomly noised action chunk."""
+    @property
+    def trajectory_dim(self) -> int:
+        """Width of the denoised trajectory: the action, plus obs features with inpainting."""
+        return self.action_dim + (0 if self.cfg.obs_as_global_cond else self.obs_encoder.output_dim)
+
+    def sample_training_noise(
+        self, batch_size: int, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Noise and diffusion steps for a whole (global) batch from `generator`.
+
+        The trainer draws these per step and gives each DDP rank its slice, so training with N
+        processes sees exactly the noise one process would see for the same global batch.
+        """
+        shape = (batch_size, self.horizon, self.trajectory_dim)
+        noise = torch.randn(shape, generator=generator, device=device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=device)
+        return {"noise": noise, "timesteps": timesteps}
+
+    def compute_loss(
+        self,
+        batch: dict[str, Any],
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """DDPM objective: predict the noise (or the clean chunk) of a randomly noised action chunk.
+
+        `noise` / `timesteps` default to fresh draws from the global RNG.
+        """
         nactions = self.normalizer.normalize("action", batch["action"])
         features = self.encode_obs(batch["obs"])
         traj, cond, cond_mask = self._trajectory(nactions, features)
-        noise = torch.randn_like(traj)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (traj.shape[0],), device=traj.device
-        )
+        if noise is None:
+            noise = torch.randn_like(traj)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (traj.shape[0],), device=traj.device
+            )
+        if noise.shape != traj.shape or timesteps.shape != (traj.shape[0],):
+            raise ValueError(
+                f"noise {tuple(noise.shape)} / timesteps {tuple(timesteps.shape)} do not fit "
+                f"the trajectory {tuple(traj.shape)}"
+            )
+        t = timesteps.to(traj.device)
+        noise = noise.to(traj.device, traj.dtype)
         noisy = self.noise_scheduler.add_noise(traj, noise, t)
         if cond_mask is not None:
             noisy = torch.where(cond_mask, traj, noisy)
@@ -267,7 +310,8 @@ class MseBCPolicy(BasePolicy):
         )
         return self.call_net(zeros, 0, self.global_cond(features))
 
-    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, Any], **_: Any) -> torch.Tensor:
+        """Plain regression of the normalized action chunk (diffusion noise arguments are ignored)."""
         nactions = self.normalizer.normalize("action", batch["action"])
         pred = self._regress(self.encode_obs(batch["obs"]))
         mask = torch.ones_like(nactions, dtype=torch.bool)

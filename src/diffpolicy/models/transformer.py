@@ -57,23 +57,7 @@ class TransformerForDiffusion(nn.Module):
         self.cond_obs_emb = nn.Linear(cond_dim, n_emb) if cond_dim > 0 else None
         self.cond_pos_emb = nn.Parameter(torch.zeros(1, n_cond_tokens, n_emb))
 
-        if n_cond_layers > 0:
-            encoder_layer = nn.TransformerEncoderLayer(
-                d_model=n_emb,
-                nhead=n_head,
-                dim_feedforward=4 * n_emb,
-                dropout=p_drop_attn,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            self.encoder: nn.Module = nn.TransformerEncoder(
-                encoder_layer, num_layers=n_cond_layers, enable_nested_tensor=False
-            )
-        else:
-            self.encoder = nn.Sequential(nn.Linear(n_emb, 4 * n_emb), nn.Mish(), nn.Linear(4 * n_emb, n_emb))
-
-        decoder_layer = nn.TransformerDecoderLayer(
+        layer_kwargs = dict(
             d_model=n_emb,
             nhead=n_head,
             dim_feedforward=4 * n_emb,
@@ -82,6 +66,15 @@ class TransformerForDiffusion(nn.Module):
             batch_first=True,
             norm_first=True,
         )
+        if n_cond_layers > 0:
+            encoder_layer = nn.TransformerEncoderLayer(**layer_kwargs)
+            self.encoder: nn.Module = nn.TransformerEncoder(
+                encoder_layer, num_layers=n_cond_layers, enable_nested_tensor=False
+            )
+        else:
+            self.encoder = nn.Sequential(nn.Linear(n_emb, 4 * n_emb), nn.Mish(), nn.Linear(4 * n_emb, n_emb))
+
+        decoder_layer = nn.TransformerDecoderLayer(**layer_kwargs)
         self.decoder = nn.TransformerDecoder(decoder_layer, num_layers=n_layer)
 
         if causal_attn:

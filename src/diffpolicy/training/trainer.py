@@ -6,26 +6,37 @@ top-k and `latest` checkpoints, exact resume, and one run folder holding everyth
     <run_dir>/checkpoints/latest          resumable (weights, optimizer, LR schedule, EMA, RNG, step)
     <run_dir>/checkpoints/topk/step=..-score=..   the k best by closed-loop score (inference only)
     <run_dir>/eval/             final closed-loop evaluation report, plots, videos
+
+Multi-process / multi-GPU: launch the same command with `torchrun --nproc_per_node N -m diffpolicy.cli
+train ...`. PyTorch DDP (gloo on CPU, nccl on GPU) averages gradients; train.batch_size is the GLOBAL
+batch, split evenly over ranks; the normalizer is fitted once on rank 0 and broadcast; EMA, validation,
+evaluation, logs and checkpoints live on rank 0. Per-step training noise comes from a generator seeded
+by (seed, step) over the global batch, so N processes train exactly like one (up to float summation
+order) for the same global batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from diffpolicy.checkpoint import load_training_state, save_checkpoint
-from diffpolicy.config import RunConfig, save_yaml, to_dict
+from diffpolicy.config import ConfigError, RunConfig, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_episodes
@@ -153,14 +164,30 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.task = task or make_task(cfg.task.name, **cfg.task.kwargs)
         self.resume = resume
-        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        # torchrun sets these; a plain launch is rank 0 of 1
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main = self.rank == 0
+        self.show_progress = self.is_main and (
+            sys.stderr.isatty() if show_progress is None else show_progress
+        )
         self.device = resolve_device(cfg.train.device)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if cfg.train.batch_size % self.world_size:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
+                f"{self.world_size} processes"
+            )
+        self.local_batch = cfg.train.batch_size // self.world_size
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ----- set-up ---------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler: logging.Handler = (
+            logging.FileHandler(self.run_dir / "train.log") if self.is_main else logging.NullHandler()
+        )
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -179,7 +206,8 @@ class Trainer:
                     f"{self.run_dir} already holds a run with a different configuration: {'; '.join(diffs)}. "
                     "Use another run folder (or resume with the same config)."
                 )
-        save_yaml(self.cfg, path)
+        if self.is_main:
+            save_yaml(self.cfg, path)
 
     def _build_data(self) -> None:
         cfg, p = self.cfg, self.cfg.policy
@@ -215,12 +243,24 @@ class Trainer:
         modes = {
             k: mode for k, (mode, _) in normalizer_spec(self.shape_meta, cfg.policy.normalization).items()
         }
-        fitted = Normalizer.fit(self.train_set.get_normalizer_data(), modes)
-        self.policy.normalizer.load_state_dict(fitted.state_dict())
+        # Fitted once (rank 0) and shared, so every rank normalizes identically.
+        state = (
+            [Normalizer.fit(self.train_set.get_normalizer_data(), modes).state_dict()]
+            if self.is_main
+            else [None]
+        )
+        if self.world_size > 1:
+            dist.broadcast_object_list(state, src=0)
+        self.policy.normalizer.load_state_dict(state[0])
         self.policy.to(self.device)
+        # DDP broadcasts rank 0's initial weights and averages gradients; everything else uses self.policy.
+        self.model: torch.nn.Module = self.policy
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.policy, device_ids=ids)
         self.optimizer = make_optimizer(self.policy.optim_groups(cfg.train), cfg.train, self.device)
         self.lr_schedule = make_lr_schedule(self.optimizer, cfg.train)
-        self.ema = EMA(self.policy, cfg.train.ema) if cfg.train.ema.enabled else None
+        self.ema = EMA(self.policy, cfg.train.ema) if cfg.train.ema.enabled and self.is_main else None
         n_params = sum(p.numel() for p in self.policy.parameters())
         log.info(
             "policy %s/%s: %.2fM parameters on %s",
@@ -326,6 +366,10 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         tc = self.cfg.train
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # generous timeout: the other ranks wait while rank 0 evaluates in closed loop
+            dist.init_process_group(backend, timeout=timedelta(hours=2))
         self._setup_logging()
         try:
             self._check_config()
@@ -337,8 +381,16 @@ class Trainer:
             if self.resume and (self.ckpt_dir / "latest").exists():
                 start = self._load_latest()
                 log.info("resumed from %s at step %d", self.ckpt_dir / "latest", start)
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            sampler = EpochBatchSampler(len(self.train_set), tc.batch_size, tc.seed, start_step=start)
+            if self.is_main:
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            sampler = EpochBatchSampler(
+                len(self.train_set),
+                self.local_batch,
+                tc.seed,
+                start_step=start,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
             loader = DataLoader(
                 self.train_set,
                 batch_sampler=sampler,
@@ -356,6 +408,8 @@ class Trainer:
                 self.writer.close()
             log.removeHandler(self._log_handler)
             self._log_handler.close()
+            if self.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
     def _train_loop(self, start: int, batches: Iterator) -> None:
         tc = self.cfg.train
@@ -370,32 +424,46 @@ class Trainer:
         )
         self.policy.train()
         t_last, last_step = time.perf_counter(), start
+        rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         for step in range(start, tc.num_steps):
             batch = to_device(next(batches), self.device)
+            extra = {}
+            if hasattr(self.policy, "sample_training_noise"):
+                g = torch.Generator(self.device).manual_seed(tc.seed * 1_000_003 + step)
+                noise = self.policy.sample_training_noise(tc.batch_size, g, self.device)
+                extra = {k: v[rows] for k, v in noise.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = self.policy.compute_loss(batch)
-            if not torch.isfinite(loss):
-                latest = self.ckpt_dir / "latest"
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step}; training stopped. The last good checkpoint "
-                    f"is {latest if latest.exists() else 'none (no checkpoint was written yet)'}."
-                )
+                loss = self.model(batch, **extra)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = tc.grad_clip_norm if tc.grad_clip_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            # One small all-reduce keeps the stop decision and the logged loss identical on every rank.
+            stats = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+            if self.world_size > 1:
+                dist.all_reduce(stats)
+                stats /= self.world_size
+            if not torch.isfinite(stats).all():
+                latest = self.ckpt_dir / "latest"
+                kept = latest if latest.exists() else "none (no checkpoint was written yet)"
+                raise TrainingDiverged(
+                    f"loss became {stats[0].item()} at step {step}; training stopped before the update. "
+                    f"The last good checkpoint is {kept}."
+                )
             self.optimizer.step()
             self.lr_schedule.step()
             done = step + 1
             if self.ema is not None:
                 self.ema.update(self.policy, done)
             bar.update(1)
+            if not self.is_main:
+                continue  # logging, validation, evaluation and checkpoints belong to rank 0
             if done % tc.log_every == 0 or done == tc.num_steps:
                 now = time.perf_counter()
                 metrics = {
-                    "train/loss": loss.item(),
+                    "train/loss": stats[0].item(),
                     "train/lr": self.lr_schedule.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
+                    "train/grad_norm": stats[1].item(),
                     "train/steps_per_s": (done - last_step) / max(now - t_last, 1e-9),
                 }
                 if self.ema is not None:
@@ -442,6 +510,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         tc = self.cfg.train
+        if not self.is_main:
+            return {}
         self.save_latest(tc.num_steps)
         report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
         self._after_eval(tc.num_steps, report)
