@@ -89,3 +89,28 @@ def test_overrides_may_surround_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["collect", "--bogus", "--out", str(out)])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--preset",
+        "trajectory2d_lowdim_unet",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+        "policy.unet.down_dims=[16,32]",
+        "policy.unet.n_groups=4",
+        "policy.scheduler.num_inference_steps=2",
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "train_step_ms" in table and "chunk_ms[ddim-10]" in table
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["train_step_ms"] > 0 and row["per_action_ms[ddpm-100]"] > 0

@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | eval | demo | presets.
+"""Command line: diffpolicy collect | train | eval | demo | bench | presets.
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -93,6 +93,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["passed"] or not args.strict else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from diffpolicy.bench import run_bench
+
+    presets = args.preset or ["trajectory2d_lowdim_unet", "pusht_state_unet", "pusht_image_unet"]
+    run_bench(presets, args.device, args.batch_size, args.warmup, args.repeats, args.out, args.overrides)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in available_presets():
         print(name)
@@ -149,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if the acceptance checks fail")
     with_preset(p, "trajectory2d_lowdim_unet")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="time training steps and action chunks (prints a table, writes JSON)")
+    p.add_argument("--preset", action="append", help="preset to time (repeatable; default: three main ones)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, help="training batch (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every preset")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list the bundled presets")
     p.set_defaults(func=cmd_presets)
