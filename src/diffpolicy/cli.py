@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | eval | demo | bench | presets.
+"""Command line: diffpolicy collect | train | distill | eval | demo | bench | presets.
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -61,6 +61,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from diffpolicy.distill import DistillTrainer, distill_config
+
+    cfg = distill_config(args.teacher, args.overrides)
+    run_dir = _run_dir(cfg, args.run_dir)
+    report = DistillTrainer(cfg, run_dir, resume=not args.no_resume).fit()
+    if report:  # empty on ranks other than 0 under torchrun
+        _print_summary(report, run_dir / "eval")
+        print(f"student: {run_dir / 'checkpoints' / 'latest'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.checkpoint import load_policy
     from diffpolicy.config import with_overrides
@@ -97,7 +109,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from diffpolicy.bench import run_bench
 
     presets = args.preset or ["trajectory2d_lowdim_unet", "pusht_state_unet", "pusht_image_unet"]
-    run_bench(presets, args.device, args.batch_size, args.warmup, args.repeats, args.out, args.overrides)
+    run_bench(
+        presets, args.device, args.batch_size, args.warmup, args.repeats, args.out, args.overrides, args.data
+    )
     return 0
 
 
@@ -144,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_preset(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "distill", help="consistency-distil a trained diffusion policy into a 1-3 step policy (resumes)"
+    )
+    p.add_argument("--teacher", required=True, help="the teacher's checkpoint folder")
+    p.add_argument("--run-dir", help="run folder (default runs/<teacher name>-consistency-<time>)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.num_steps=500")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint in closed loop")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--episodes", type=int)
@@ -165,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--data", help="EpisodeStore to also time data loading from (the presets' obs keys)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every preset")
     p.set_defaults(func=cmd_bench)
 

@@ -79,9 +79,25 @@ class NoiseSchedulerConfig:
     beta_end: float = 0.02
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True
-    prediction_type: str = "epsilon"  # epsilon | sample
-    sampler: str = "ddpm"  # ddpm | ddim  (inference only; training always uses the DDPM forward process)
+    prediction_type: str = "epsilon"  # epsilon | sample | v_prediction (consistency students use v)
+    # ddpm | ddim for diffusion policies, consistency for consistency-distilled ones (inference only;
+    # training always uses the DDPM forward process)
+    sampler: str = "ddpm"
     num_inference_steps: int = 100
+
+
+@dataclass
+class ConsistencyConfig:
+    """How a consistency-distilled policy (policy.type=consistency) maps (x_t, t) to a clean chunk.
+
+    Both values are fixed at distillation time and read again at sampling (diffusers' LCMScheduler).
+    """
+
+    # N: the distillation's skip grid t_i = i * (T // N) - 1, i = 1..N, over the teacher's T training steps;
+    # multi-step sampling picks its timesteps from the same grid.
+    original_inference_steps: int = 10  # k = 10 on T = 100: the teacher's DDIM-10 step (0.98 success)
+    # l in LCM's boundary-condition scalings c_skip(t) = 0.25 / ((l t)^2 + 0.25), c_out = l t / sqrt(...)
+    timestep_scaling: float = 10.0
 
 
 @dataclass
@@ -97,7 +113,7 @@ class VisionConfig:
 
 @dataclass
 class PolicyConfig:
-    type: str = "diffusion"  # diffusion | mse_bc
+    type: str = "diffusion"  # diffusion | mse_bc | consistency (made by `diffpolicy distill`)
     net: str = "unet"  # unet | transformer
     horizon: int = 16
     n_obs_steps: int = 2
@@ -107,6 +123,7 @@ class PolicyConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     # Per-key normalization mode override (minmax | gaussian | image | identity); defaults: minmax for
     # low-dim keys and the action, image for rgb keys.
     normalization: dict[str, str] = field(default_factory=dict)
@@ -147,6 +164,26 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Consistency distillation of a trained diffusion policy (`diffpolicy distill`, see distill.py).
+
+    The distillation run starts from the teacher's own run config; num_steps, lr and warmup_steps here
+    replace the teacher's train.num_steps / train.lr / train.warmup_steps (a distillation needs far fewer
+    steps and a smaller learning rate than training from scratch). Every other train.* setting (batch,
+    EMA, optimizer, checkpoints, evaluation) carries over from the teacher and can be overridden as usual.
+    """
+
+    teacher: str = ""  # the teacher's checkpoint folder (set by --teacher)
+    num_steps: int = 1500
+    lr: float = 3.0e-4
+    warmup_steps: int = 100
+    loss: str = "huber"  # consistency loss: huber (pseudo-Huber, as LCM) | mse
+    huber_c: float = 1.0e-3
+    denoise_weight: float = 0.1  # weight of the auxiliary denoising loss (student x0 vs the clean chunk)
+    target_ema_decay: float = 0.95  # the target network's EMA of the student (LCM's default)
+
+
+@dataclass
 class EvalConfig:
     n_episodes: int = 50
     seed: int = 100_000  # first evaluation seed; collection seeds stay below it
@@ -170,16 +207,18 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         validate(self)
 
 
 _CHOICES = {
-    "policy.type": ("diffusion", "mse_bc"),
+    "policy.type": ("diffusion", "mse_bc", "consistency"),
     "policy.net": ("unet", "transformer"),
-    "policy.scheduler.prediction_type": ("epsilon", "sample"),
-    "policy.scheduler.sampler": ("ddpm", "ddim"),
+    "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),
+    "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
+    "distill.loss": ("huber", "mse"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
 }
@@ -206,8 +245,35 @@ def validate(cfg: RunConfig) -> None:
         or p.scheduler.num_inference_steps > p.scheduler.num_train_timesteps
     ):
         raise ConfigError("policy.scheduler.num_inference_steps must be in [1, num_train_timesteps]")
-    if cfg.eval.sampler is not None and cfg.eval.sampler not in ("ddpm", "ddim"):
-        raise ConfigError(f"eval.sampler={cfg.eval.sampler!r} is not one of ('ddpm', 'ddim')")
+    if cfg.eval.sampler is not None and cfg.eval.sampler not in _CHOICES["policy.scheduler.sampler"]:
+        raise ConfigError(
+            f"eval.sampler={cfg.eval.sampler!r} is not one of {_CHOICES['policy.scheduler.sampler']}"
+        )
+    consistency = p.type == "consistency"
+    if consistency != (p.scheduler.sampler == "consistency"):
+        raise ConfigError(
+            f"policy.scheduler.sampler={p.scheduler.sampler!r} does not fit policy.type={p.type!r}: "
+            "consistency sampling is for (and the only sampler of) consistency-distilled policies"
+        )
+    grid = p.consistency.original_inference_steps
+    if not 1 <= grid <= p.scheduler.num_train_timesteps:
+        raise ConfigError("policy.consistency.original_inference_steps must be in [1, num_train_timesteps]")
+    if consistency and p.scheduler.num_inference_steps > grid:
+        raise ConfigError(
+            f"policy.scheduler.num_inference_steps={p.scheduler.num_inference_steps} exceeds the consistency "
+            f"grid policy.consistency.original_inference_steps={grid}"
+        )
+    d = cfg.distill
+    for key, ok, rule in (
+        ("num_steps", d.num_steps >= 1, ">= 1"),
+        ("lr", d.lr > 0, "> 0"),
+        ("warmup_steps", d.warmup_steps >= 0, ">= 0"),
+        ("huber_c", d.huber_c > 0, "> 0"),
+        ("denoise_weight", d.denoise_weight >= 0, ">= 0"),
+        ("target_ema_decay", 0.0 <= d.target_ema_decay < 1.0, "in [0, 1)"),
+    ):
+        if not ok:
+            raise ConfigError(f"distill.{key}={getattr(d, key)!r} must be {rule}")
     for key, mode in p.normalization.items():
         if mode not in ("minmax", "gaussian", "image", "identity"):
             raise ConfigError(f"policy.normalization.{key}={mode!r} is not a normalization mode")

@@ -6,7 +6,8 @@ return action chunks in the environment's units. Inside, everything is normalize
     normalize -> ObsEncoder (once per chunk) -> condition -> noise network -> sampler -> unnormalize
 
 Training uses the DDPM forward process from `diffusers`; inference uses DDPM or DDIM from `diffusers`
-with a configurable number of steps. Nothing about the samplers is re-implemented here.
+with a configurable number of steps, or, for consistency-distilled policies (`diffpolicy distill`),
+diffusers' LCMScheduler with 1-3 steps. Nothing about the samplers is re-implemented here.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 from torch import nn
 
-from diffpolicy.config import NoiseSchedulerConfig, PolicyConfig, TrainConfig
+from diffpolicy.config import ConsistencyConfig, NoiseSchedulerConfig, PolicyConfig, TrainConfig
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.models.vision import ObsEncoder
 
@@ -29,8 +30,11 @@ class NonFiniteActionError(RuntimeError):
     """The policy produced NaN/inf actions; they must never reach an environment."""
 
 
-def make_scheduler(cfg: NoiseSchedulerConfig, sampler: str | None = None) -> DDPMScheduler | DDIMScheduler:
-    """The diffusers scheduler for `sampler` ("ddpm" for training and DDPM sampling, or "ddim")."""
+def make_scheduler(
+    cfg: NoiseSchedulerConfig, sampler: str | None = None, consistency: ConsistencyConfig | None = None
+) -> DDPMScheduler | DDIMScheduler | LCMScheduler:
+    """The diffusers scheduler for `sampler`: "ddpm" (training and DDPM sampling), "ddim", or "consistency"
+    (LCMScheduler over the distillation grid of `consistency`)."""
     common = dict(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
@@ -39,7 +43,17 @@ def make_scheduler(cfg: NoiseSchedulerConfig, sampler: str | None = None) -> DDP
         clip_sample=cfg.clip_sample,
         prediction_type=cfg.prediction_type,
     )
-    if (sampler or cfg.sampler) == "ddim":
+    sampler = sampler or cfg.sampler
+    if sampler == "consistency":
+        consistency = consistency or ConsistencyConfig()
+        return LCMScheduler(
+            **common,
+            original_inference_steps=consistency.original_inference_steps,
+            timestep_scaling=consistency.timestep_scaling,
+            set_alpha_to_one=True,
+            steps_offset=0,
+        )
+    if sampler == "ddim":
         return DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
     return DDPMScheduler(**common, variance_type="fixed_small")
 
@@ -198,6 +212,11 @@ class DiffusionPolicy(BasePolicy):
 
     def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
         """Choose the inference sampler (ddpm | ddim) and its number of steps."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(
+                f"sampler {sampler!r} is not one of ('ddpm', 'ddim') for a diffusion policy "
+                "(consistency sampling needs a distilled policy: diffpolicy distill)"
+            )
         if not 1 <= num_inference_steps <= self.cfg.scheduler.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be in [1, {self.cfg.scheduler.num_train_timesteps}]")
         self.sampler = make_scheduler(self.cfg.scheduler, sampler)
@@ -220,6 +239,33 @@ class DiffusionPolicy(BasePolicy):
         """Width of the denoised trajectory: the action, plus obs features with inpainting."""
         return self.action_dim + (0 if self.cfg.obs_as_global_cond else self.obs_encoder.output_dim)
 
+    def predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean-chunk estimate from the network's output at per-sample timesteps t, (B,).
+
+        Written out because diffusers' schedulers step one scalar timestep per call, while distillation
+        needs a different timestep per sample; same formula as their step() (before clipping).
+        """
+        kind = self.cfg.scheduler.prediction_type
+        if kind == "sample":
+            return model_output
+        alpha_bar = self.noise_scheduler.alphas_cumprod.to(sample.device)[t].to(sample.dtype)
+        alpha_bar = alpha_bar.view(-1, *([1] * (sample.dim() - 1)))
+        if kind == "v_prediction":
+            return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
+        return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+
+    def loss_mask(
+        self, batch: dict[str, Any], traj: torch.Tensor, cond_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Where a loss on the trajectory counts: not inpainted observation features, not padded actions."""
+        mask = torch.ones_like(traj, dtype=torch.bool)
+        if cond_mask is not None:
+            mask &= ~cond_mask
+        if "action_is_pad" in batch:
+            pad = batch["action_is_pad"].to(torch.bool)[..., None]
+            mask[..., : self.action_dim] &= ~pad
+        return mask
+
     def sample_training_noise(
         self, batch_size: int, generator: torch.Generator, device: torch.device
     ) -> dict[str, torch.Tensor]:
@@ -240,7 +286,7 @@ class DiffusionPolicy(BasePolicy):
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDPM objective: predict the noise (or the clean chunk) of a randomly noised action chunk.
+        """DDPM objective: predict the noise (or the clean chunk, or v) of a randomly noised action chunk.
 
         `noise` / `timesteps` default to fresh draws from the global RNG.
         """
@@ -264,14 +310,12 @@ class DiffusionPolicy(BasePolicy):
         if cond_mask is not None:
             noisy = torch.where(cond_mask, traj, noisy)
         pred = self.call_net(noisy, t, cond)
-        target = noise if self.cfg.scheduler.prediction_type == "epsilon" else traj
-        mask = torch.ones_like(traj, dtype=torch.bool)
-        if cond_mask is not None:
-            mask &= ~cond_mask
-        if "action_is_pad" in batch:
-            pad = batch["action_is_pad"].to(torch.bool)[..., None]
-            mask[..., : self.action_dim] &= ~pad
-        return self.masked_mse(pred, target, mask)
+        kind = self.cfg.scheduler.prediction_type
+        if kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(traj, noise, t)
+        else:
+            target = noise if kind == "epsilon" else traj
+        return self.masked_mse(pred, target, self.loss_mask(batch, traj, cond_mask))
 
     @torch.inference_mode()
     def predict_action(
@@ -294,6 +338,50 @@ class DiffusionPolicy(BasePolicy):
             sample = self.sampler.step(out, t, sample, generator=generator).prev_sample
         action_pred = self.normalizer.unnormalize("action", sample[..., : self.action_dim])
         return self.select_executed(self.check_actions(action_pred))
+
+
+class ConsistencyPolicy(DiffusionPolicy):
+    """A consistency-distilled Diffusion Policy (made by `diffpolicy distill`): 1-3 network calls per chunk.
+
+    Same networks, normalizer and conditioning as its teacher. The network output is read as v
+    (policy.scheduler.prediction_type=v_prediction, set by distillation): x0(x, t) = sqrt(abar) x -
+    sqrt(1 - abar) v stays well-conditioned at the last training step, where an epsilon reading would
+    divide by sqrt(abar_99) ~ 5e-4 (squaredcos_cap_v2, T = 100). That estimate goes through LCM's
+    consistency parameterization with boundary condition f(x, 0) = x:
+
+        f(x, t) = c_skip(t) x + c_out(t) x0(x, t),  c_skip = 0.25 / ((l t)^2 + 0.25),
+        c_out = l t / sqrt((l t)^2 + 0.25),  l = policy.consistency.timestep_scaling,
+
+    which maps any point of the teacher's probability-flow ODE trajectory to its clean end. Sampling is
+    diffusers' LCMScheduler (the same c_skip / c_out): one step from pure noise, or chained steps that
+    re-noise the estimate to a lower time of the distillation grid and map it again.
+    `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill.py.
+    """
+
+    def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
+        """Consistency sampling with 1 .. policy.consistency.original_inference_steps steps."""
+        if sampler != "consistency":
+            raise ValueError(
+                f"a consistency-distilled policy samples with sampler='consistency' only, not {sampler!r}"
+            )
+        grid = self.cfg.consistency.original_inference_steps
+        if not 1 <= num_inference_steps <= grid:
+            raise ValueError(
+                f"num_inference_steps must be in [1, {grid}] (the distillation grid, "
+                "policy.consistency.original_inference_steps)"
+            )
+        self.sampler = make_scheduler(self.cfg.scheduler, "consistency", self.cfg.consistency)
+        self.num_inference_steps = num_inference_steps
+
+    def consistency_output(
+        self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x, t), x0(x, t)) for per-sample timesteps t, (B,): LCMScheduler.step's denoised output, batched
+        over timesteps and without its x0 clipping (which would stop gradients during distillation)."""
+        x0 = self.predict_x0(self.call_net(sample, t, cond), sample, t)
+        c_skip, c_out = self.sampler.get_scalings_for_boundary_condition_discrete(t.to(sample.dtype))
+        shape = (-1, *([1] * (sample.dim() - 1)))
+        return c_skip.view(shape) * sample + c_out.view(shape) * x0, x0
 
 
 class MseBCPolicy(BasePolicy):
@@ -327,7 +415,11 @@ class MseBCPolicy(BasePolicy):
         return self.select_executed(self.check_actions(action_pred))
 
 
-POLICY_TYPES: dict[str, type[BasePolicy]] = {"diffusion": DiffusionPolicy, "mse_bc": MseBCPolicy}
+POLICY_TYPES: dict[str, type[BasePolicy]] = {
+    "diffusion": DiffusionPolicy,
+    "mse_bc": MseBCPolicy,
+    "consistency": ConsistencyPolicy,
+}
 
 
 def make_policy(cfg: PolicyConfig, shape_meta: dict[str, Any]) -> BasePolicy:

@@ -140,6 +140,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # Keys a resumed run may change without invalidating what was trained so far.
 RESUMABLE_CHANGES = (
     "train.num_steps",
+    "distill.num_steps",  # a distillation run's train.num_steps (see config.DistillConfig)
     "train.eval_every",
     "train.val_every",
     "train.checkpoint_every",
@@ -237,9 +238,10 @@ class Trainer:
             len(self.train_set),
         )
 
-    def _build_policy(self) -> None:
+    def _make_policy(self) -> BasePolicy:
+        """The policy to train, with its normalizer fitted on the training set (once, on rank 0)."""
         cfg = self.cfg
-        self.policy: BasePolicy = make_policy(cfg.policy, self.shape_meta)
+        policy = make_policy(cfg.policy, self.shape_meta)
         modes = {
             k: mode for k, (mode, _) in normalizer_spec(self.shape_meta, cfg.policy.normalization).items()
         }
@@ -251,13 +253,22 @@ class Trainer:
         )
         if self.world_size > 1:
             dist.broadcast_object_list(state, src=0)
-        self.policy.normalizer.load_state_dict(state[0])
-        self.policy.to(self.device)
+        policy.normalizer.load_state_dict(state[0])
+        return policy
+
+    def _make_loss_module(self) -> torch.nn.Module:
+        """What turns a batch into the training loss: the policy itself (distillation wraps it)."""
+        return self.policy
+
+    def _build_policy(self) -> None:
+        cfg = self.cfg
+        self.policy: BasePolicy = self._make_policy().to(self.device)
+        self.loss_module = self._make_loss_module().to(self.device)
         # DDP broadcasts rank 0's initial weights and averages gradients; everything else uses self.policy.
-        self.model: torch.nn.Module = self.policy
+        self.model: torch.nn.Module = self.loss_module
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.policy, device_ids=ids)
+            self.model = DistributedDataParallel(self.loss_module, device_ids=ids)
         self.optimizer = make_optimizer(self.policy.optim_groups(cfg.train), cfg.train, self.device)
         self.lr_schedule = make_lr_schedule(self.optimizer, cfg.train)
         self.ema = EMA(self.policy, cfg.train.ema) if cfg.train.ema.enabled and self.is_main else None
@@ -298,6 +309,11 @@ class Trainer:
 
     def _load_latest(self) -> int:
         state = load_training_state(self.ckpt_dir / "latest")
+        self._restore(state)
+        return int(state["step"])
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Put back what `_training_state` saved (weights, optimizer, schedule, EMA, RNG, top-k)."""
         self.policy.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -305,7 +321,6 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         self.topk = state.get("topk", [])
-        return int(state["step"])
 
     def _update_topk(self, step: int, score: float, metrics: dict[str, float]) -> None:
         k = self.cfg.train.top_k
@@ -428,9 +443,9 @@ class Trainer:
         for step in range(start, tc.num_steps):
             batch = to_device(next(batches), self.device)
             extra = {}
-            if hasattr(self.policy, "sample_training_noise"):
+            if hasattr(self.loss_module, "sample_training_noise"):
                 g = torch.Generator(self.device).manual_seed(tc.seed * 1_000_003 + step)
-                noise = self.policy.sample_training_noise(tc.batch_size, g, self.device)
+                noise = self.loss_module.sample_training_noise(tc.batch_size, g, self.device)
                 extra = {k: v[rows] for k, v in noise.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = self.model(batch, **extra)
@@ -453,8 +468,7 @@ class Trainer:
             self.optimizer.step()
             self.lr_schedule.step()
             done = step + 1
-            if self.ema is not None:
-                self.ema.update(self.policy, done)
+            self._after_optimizer_step(done)
             bar.update(1)
             if not self.is_main:
                 continue  # logging, validation, evaluation and checkpoints belong to rank 0
@@ -468,6 +482,7 @@ class Trainer:
                 }
                 if self.ema is not None:
                     metrics["train/ema_decay"] = self.ema.decay
+                metrics.update(self._loss_terms())
                 t_last, last_step = now, done
                 self._log_metrics(done, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
@@ -493,6 +508,15 @@ class Trainer:
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 self.save_latest(done)
         bar.close()
+
+    def _after_optimizer_step(self, step: int) -> None:
+        """Runs after every optimizer step (`step` = steps done): the EMA of the weights."""
+        if self.ema is not None:
+            self.ema.update(self.policy, step)
+
+    def _loss_terms(self) -> dict[str, float]:
+        """Components of the last training loss to log next to train/loss (none for plain training)."""
+        return {}
 
     def _after_eval(self, step: int, report: dict[str, Any]) -> None:
         metrics = {

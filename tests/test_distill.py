@@ -1,0 +1,213 @@
+"""Consistency distillation: the objective's pieces, a tiny teacher -> student run, sampling, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from diffusers import DDIMScheduler
+
+from diffpolicy.checkpoint import load_policy, load_training_state, save_checkpoint
+from diffpolicy.cli import main
+from diffpolicy.config import ConfigError
+from diffpolicy.data.normalize import Normalizer
+from diffpolicy.distill import DistillTrainer, TeacherError, ddim_step, distill_config, load_teacher
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, make_policy, make_scheduler
+from diffpolicy.training.trainer import Trainer
+
+SHAPE_META = {
+    "obs": {"pos": {"shape": [2], "type": "low_dim"}, "vel": {"shape": [2], "type": "low_dim"}},
+    "action": {"shape": [2]},
+}
+DISTILL = [
+    "distill.num_steps=40",
+    "distill.lr=3e-3",
+    "policy.consistency.original_inference_steps=20",  # the configuration these thresholds were measured on
+    "distill.warmup_steps=2",
+    "train.log_every=1",
+    "train.val_every=0",
+    "train.checkpoint_every=20",
+    "eval.n_episodes=2",
+    "eval.n_envs=2",
+    "eval.max_steps=24",
+]
+
+
+def build(*overrides: str):
+    """A policy with random weights and a normalizer fitted to random data (actions in [-2, 4])."""
+    cfg = tiny_config(*overrides)
+    policy = make_policy(cfg.policy, SHAPE_META)
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "pos": torch.randn(500, 2, generator=g),
+        "vel": torch.randn(500, 2, generator=g),
+        "action": torch.rand(500, 2, generator=g) * 6 - 2,
+    }
+    fitted = Normalizer.fit(data, {"pos": "minmax", "vel": "minmax", "action": "minmax"})
+    policy.normalizer.load_state_dict(fitted.state_dict())
+    return policy, cfg
+
+
+def obs_batch(B=3, To=2):
+    g = torch.Generator().manual_seed(1)
+    return {"pos": torch.randn(B, To, 2, generator=g), "vel": torch.randn(B, To, 2, generator=g)}
+
+
+CONSISTENCY = ("policy.type=consistency", "policy.scheduler.sampler=consistency")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, traj_store) -> Path:
+    """A tiny trajectory2d diffusion policy, trained the way test_trainer trains one."""
+    run = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_config(f"data.path={traj_store}", "train.num_steps=60", "eval.n_episodes=2", "eval.n_envs=2")
+    Trainer(cfg, run).fit()
+    return run / "checkpoints" / "latest"
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory, teacher) -> Path:
+    run = tmp_path_factory.mktemp("student") / "run"
+    assert main(["distill", "--teacher", str(teacher), "--run-dir", str(run), *DISTILL]) == 0
+    return run
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_ddim_step_matches_diffusers(prediction):
+    teacher, _ = build(f"policy.scheduler.prediction_type={prediction}")
+    cond = teacher.global_cond(teacher.encode_obs(obs_batch()))
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(2)) * 2
+    ddim = make_scheduler(teacher.cfg.scheduler, "ddim")
+    ddim.set_timesteps(20)  # one step goes from t to t - 5
+    for t in (99, 44, 9, 4):  # 4 -> -1: the clean end
+        ours = ddim_step(teacher, x, torch.full((3,), t), torch.full((3,), t - 5), cond)
+        expected = ddim.step(teacher.call_net(x, t, cond), t, x).prev_sample
+        assert torch.allclose(ours, expected, atol=1e-5), t
+    assert isinstance(ddim, DDIMScheduler)
+
+
+def test_boundary_condition_and_sampler_checks():
+    student, _ = build(*CONSISTENCY)
+    x = torch.randn(3, 16, 2)
+    cond = student.global_cond(student.encode_obs(obs_batch()))
+    f0, _ = student.consistency_output(x, torch.zeros(3, dtype=torch.long), cond)
+    assert torch.equal(f0, x)  # f(x, 0) = x
+    f, x0 = student.consistency_output(x, torch.full((3,), 99), cond)
+    assert not torch.allclose(f, x) and torch.allclose(f, x0, atol=1e-3)  # c_skip ~ 0 at high noise
+    with pytest.raises(ValueError, match="sampler='consistency' only"):
+        student.set_sampler("ddim", 10)
+    with pytest.raises(ValueError, match=r"\[1, 10\]"):
+        student.set_sampler("consistency", 11)
+    teacher, _ = build()
+    with pytest.raises(ValueError, match="needs a distilled policy"):
+        teacher.set_sampler("consistency", 1)
+    with pytest.raises(ConfigError, match="does not fit policy.type='diffusion'"):
+        tiny_config("policy.scheduler.sampler=consistency")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_sampling_shapes_calls_and_action_range(steps):
+    student, _ = build(*CONSISTENCY)  # random weights: wild x0 estimates that clipping must contain
+    student.eval().set_sampler("consistency", steps)
+    calls = []
+    student.net.register_forward_hook(lambda *a: calls.append(1))
+    out = student.predict_action(obs_batch(), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == steps
+    assert out["action"].shape == (3, 8, 2) and out["action_pred"].shape == (3, 16, 2)
+    a = out["action_pred"]
+    assert torch.isfinite(a).all()
+    lo = student.normalizer.params["action"].input_min
+    hi = student.normalizer.params["action"].input_max
+    assert (a >= lo - 1e-2).all() and (a <= hi + 1e-2).all()
+    assert a.std() > 0.1  # not collapsed to a constant
+
+
+def test_distillation_lowers_its_loss(student_run):
+    rows = [json.loads(line) for line in (student_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 40
+    assert all("train/consistency_loss" in r and "train/denoise_loss" in r for r in rows if "train/loss" in r)
+    consistency = [r["train/consistency_loss"] for r in rows if "train/loss" in r]
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    # the consistency term is the objective's core; the total includes the (slower) denoising term
+    assert mean(consistency[-8:]) < 0.75 * mean(consistency[:8]), consistency
+    assert mean(losses[-8:]) < 0.85 * mean(losses[:8]), losses
+
+
+def test_student_round_trips_and_evaluates(student_run, teacher, tmp_path, capsys):
+    path = student_run / "checkpoints" / "latest"
+    student = DiffusionPolicy.from_pretrained(path)
+    assert isinstance(student, ConsistencyPolicy) and student.num_inference_steps == 1
+    again, cfg = load_policy(path)
+    assert cfg.distill.teacher == str(teacher.resolve()) and cfg.train.num_steps == 40
+    assert "target" in load_training_state(path)  # the target network resumes too
+    obs = {"pos": torch.zeros(2, 2, 2), "vel": torch.zeros(2, 2, 2)}
+    for steps in (1, 3):
+        student.set_sampler("consistency", steps)
+        again.set_sampler("consistency", steps)
+        a = student.predict_action(obs, generator=torch.Generator().manual_seed(5))["action"]
+        b = again.predict_action(obs, generator=torch.Generator().manual_seed(5))["action"]
+        assert torch.equal(a, b)
+    # distillation changed the teacher's weights, but not its normalizer
+    t_state, s_state = load_policy(teacher)[0].state_dict(), student.state_dict()
+    assert any(not torch.equal(t_state[k], s_state[k]) for k in t_state if k.startswith("net."))
+    assert all(torch.equal(t_state[k], s_state[k]) for k in t_state if k.startswith("normalizer."))
+    for steps in ("1", "3"):
+        out = tmp_path / f"eval{steps}"
+        args = ["eval", "--checkpoint", str(path), "--out", str(out), f"eval.num_inference_steps={steps}"]
+        assert main(args) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["sampler"] == "LCMScheduler" and report["num_inference_steps"] == int(steps)
+    assert "success" in capsys.readouterr().out
+
+
+def test_bad_teachers_are_clear_errors(tmp_path, teacher, student_run, capsys):
+    with pytest.raises(TeacherError, match="cannot load the teacher.*does not exist"):
+        load_teacher(tmp_path / "nope")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.yaml").write_text("format: [unclosed")
+    with pytest.raises(TeacherError, match="corrupt"):
+        load_teacher(corrupt)
+    bc, cfg = build("policy.type=mse_bc")
+    save_checkpoint(tmp_path / "bc", bc, cfg)
+    with pytest.raises(TeacherError, match="MseBCPolicy, not a DiffusionPolicy"):
+        load_teacher(tmp_path / "bc")
+    with pytest.raises(TeacherError, match="already consistency-distilled"):
+        load_teacher(student_run / "checkpoints" / "latest")
+    assert main(["distill", "--teacher", str(tmp_path / "nope")]) == 2
+    assert "cannot load the teacher" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="only policy.consistency"):
+        distill_config(teacher, ["policy.unet.down_dims=[8,16]"])
+    with pytest.raises(ConfigError, match="set by 'distill.num_steps'"):
+        distill_config(teacher, ["train.num_steps=5"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+class KilledDistillation(DistillTrainer):
+    def save_latest(self, step):
+        super().save_latest(step)
+        if step == 8:
+            raise Interrupted
+
+
+def test_distillation_resumes_exactly(tmp_path, teacher):
+    cfg = distill_config(teacher, [*DISTILL, "distill.num_steps=16", "train.checkpoint_every=8"])
+    DistillTrainer(cfg, tmp_path / "straight").fit()
+    with pytest.raises(Interrupted):
+        KilledDistillation(cfg, tmp_path / "resumed").fit()
+    DistillTrainer(cfg, tmp_path / "resumed").fit()
+    a = load_training_state(tmp_path / "straight" / "checkpoints" / "latest")
+    b = load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")
+    for part in ("model", "target"):
+        state_a = a[part] if part == "model" else a[part]["model"]
+        state_b = b[part] if part == "model" else b[part]["model"]
+        for key in state_a:
+            assert torch.allclose(state_a[key], state_b[key], atol=1e-6), (part, key)
