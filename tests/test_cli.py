@@ -114,3 +114,13 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert "train_step_ms" in table and "chunk_ms[ddim-10]" in table
     row = json.loads(out.read_text())["rows"][0]
     assert row["train_step_ms"] > 0 and row["per_action_ms[ddpm-100]"] > 0
+
+
+def test_bench_with_data_times_loading_too(tmp_path, traj_store):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "trajectory2d_lowdim_unet", "--data", str(traj_store), "--batch-size", "4"]
+    argv += ["--warmup", "0", "--repeats", "1", "--out", str(out), "policy.unet.down_dims=[16,32]"]
+    assert main(argv + ["policy.unet.n_groups=4"]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["load_batch_ms"] > 0
+    assert row["train_step_with_data_ms"] > 0 and row["train_samples_per_s_with_data"] > 0

@@ -4,7 +4,8 @@ Numbers are medians over repeated runs after warm-up. Nothing here asserts on ti
 writes JSON so results can be compared across machines, commits and libraries.
 
 - train step: forward + backward + AdamW step on a synthetic batch of the preset's shapes (no data
-  loading), reported as ms/step and samples/s;
+  loading), reported as ms/step and samples/s; with `data=STORE` also the time to load one batch from
+  that EpisodeStore (SequenceDataset + DataLoader, as the trainer reads it) and the step including it;
 - fresh chunk: observation window -> action chunk (`predict_action`, batch 1), per sampler setting;
   amortized per action: that latency divided by n_action_steps;
 - peak memory: CUDA max allocated, or the process's peak RSS on CPU.
@@ -17,7 +18,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from diffpolicy.config import RunConfig, load_config
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.policy import make_policy, normalizer_spec
 from diffpolicy.training.optim import make_optimizer
+from diffpolicy.training.trainer import to_device
 
 DEFAULT_SAMPLERS = (("ddpm", 100), ("ddim", 10))
 
@@ -68,6 +70,35 @@ def build_policy(cfg: RunConfig, shape_meta: dict[str, Any], device: torch.devic
     return policy.to(device)
 
 
+def real_batches(cfg: RunConfig, shape_meta: dict[str, Any], store: str, batch_size: int) -> Iterator[dict]:
+    """Endless shuffled training batches from an EpisodeStore, read the way the trainer reads them."""
+    from torch.utils.data import DataLoader
+
+    from diffpolicy.data.sequence import SequenceDataset
+
+    p = cfg.policy
+    dataset = SequenceDataset(
+        store,
+        shape_meta=shape_meta,
+        horizon=p.horizon,
+        n_obs_steps=p.n_obs_steps,
+        n_action_steps=p.n_action_steps,
+        pad_after=cfg.data.pad_after,
+        action_key=cfg.data.action_key,
+        cache_in_memory=cfg.data.cache_in_memory,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.train.num_workers,
+        persistent_workers=cfg.train.num_workers > 0,
+    )
+    while True:
+        yield from loader
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -82,7 +113,9 @@ def bench_preset(
     warmup: int = 2,
     repeats: int = 5,
     overrides: list[str] | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
+    """One table row: train-step and chunk timings for `preset` (and data loading when `data` is set)."""
     cfg = load_config(preset, overrides or [])
     from diffpolicy.tasks import make_task
 
@@ -113,6 +146,21 @@ def bench_preset(
     ms = median_ms(train_step, device, warmup, repeats)
     row["train_step_ms"] = ms
     row["train_samples_per_s"] = B / ms * 1000
+    if data:
+        batches = real_batches(cfg, shape_meta, data, B)
+
+        def load() -> None:
+            batch.update(to_device(next(batches), device))
+
+        def load_and_step() -> None:
+            load()
+            train_step()
+
+        row["load_batch_ms"] = median_ms(load, device, warmup, repeats)
+        # measured, not summed: DataLoader workers (train.num_workers > 0) overlap loading with the step
+        with_data_ms = median_ms(load_and_step, device, warmup, repeats)
+        row["train_step_with_data_ms"] = with_data_ms
+        row["train_samples_per_s_with_data"] = B / with_data_ms * 1000
     policy.eval()
     obs1 = synthetic_obs(shape_meta, 1, p.n_obs_steps, device)
     for sampler, steps in samplers if hasattr(policy, "set_sampler") else (("regression", 1),):
@@ -158,12 +206,14 @@ def run_bench(
     repeats: int = 5,
     out: str | Path | None = None,
     overrides: list[str] | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
+    """Bench each preset, print the table, write JSON to `out`; `data` adds data-loading timings."""
     from diffpolicy.training.trainer import resolve_device
 
     device = resolve_device(device_name)
     rows = [
-        bench_preset(p, device, batch_size, warmup=warmup, repeats=repeats, overrides=overrides)
+        bench_preset(p, device, batch_size, warmup=warmup, repeats=repeats, overrides=overrides, data=data)
         for p in presets
     ]
     result = {"machine": machine_info(device), "warmup": warmup, "repeats": repeats, "rows": rows}
