@@ -28,7 +28,7 @@ from diffpolicy.config import RunConfig, load_config
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.policy import make_policy, normalizer_spec
 from diffpolicy.training.optim import make_optimizer
-from diffpolicy.training.trainer import to_device
+from diffpolicy.training.trainer import make_dataset, to_device
 
 DEFAULT_SAMPLERS = (("ddpm", 100), ("ddim", 10))
 
@@ -74,19 +74,7 @@ def real_batches(cfg: RunConfig, shape_meta: dict[str, Any], store: str, batch_s
     """Endless shuffled training batches from an EpisodeStore, read the way the trainer reads them."""
     from torch.utils.data import DataLoader
 
-    from diffpolicy.data.sequence import SequenceDataset
-
-    p = cfg.policy
-    dataset = SequenceDataset(
-        store,
-        shape_meta=shape_meta,
-        horizon=p.horizon,
-        n_obs_steps=p.n_obs_steps,
-        n_action_steps=p.n_action_steps,
-        pad_after=cfg.data.pad_after,
-        action_key=cfg.data.action_key,
-        cache_in_memory=cfg.data.cache_in_memory,
-    )
+    dataset = make_dataset(cfg, store, shape_meta)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,27 @@ class EpochBatchSampler(Sampler[list[int]]):
                 chunk = order[s * self.global_batch : (s + 1) * self.global_batch]
                 yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             step = (epoch + 1) * self.steps_per_epoch
+
+
+def make_dataset(
+    cfg: RunConfig,
+    store: EpisodeStore | str | Path,
+    shape_meta: dict[str, Any],
+    episodes: Sequence[int] | None = None,
+) -> SequenceDataset:
+    """The training windows a run reads from `store` (its policy's horizon / steps, its data settings)."""
+    p = cfg.policy
+    return SequenceDataset(
+        store,
+        shape_meta=shape_meta,
+        horizon=p.horizon,
+        n_obs_steps=p.n_obs_steps,
+        n_action_steps=p.n_action_steps,
+        pad_after=cfg.data.pad_after,
+        episodes=episodes,
+        action_key=cfg.data.action_key,
+        cache_in_memory=cfg.data.cache_in_memory,
+    )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -211,24 +232,15 @@ class Trainer:
             save_yaml(self.cfg, path)
 
     def _build_data(self) -> None:
-        cfg, p = self.cfg, self.cfg.policy
+        cfg = self.cfg
         path = cfg.data.path or str(self.run_dir / "demos.zarr")
         store = EpisodeStore.open(path)
         self.shape_meta = self.task.shape_meta()
         train_ids, val_ids = split_episodes(
             store.n_episodes, cfg.data.val_ratio, cfg.data.split_seed, cfg.data.max_train_episodes
         )
-        common = dict(
-            shape_meta=self.shape_meta,
-            horizon=p.horizon,
-            n_obs_steps=p.n_obs_steps,
-            n_action_steps=p.n_action_steps,
-            pad_after=cfg.data.pad_after,
-            action_key=cfg.data.action_key,
-            cache_in_memory=cfg.data.cache_in_memory,
-        )
-        self.train_set = SequenceDataset(store, episodes=train_ids, **common)
-        self.val_set = SequenceDataset(store, episodes=val_ids, **common) if len(val_ids) else None
+        self.train_set = make_dataset(cfg, store, self.shape_meta, train_ids)
+        self.val_set = make_dataset(cfg, store, self.shape_meta, val_ids) if len(val_ids) else None
         log.info(
             "data %s: %d episodes (%d train, %d val), %d training windows",
             path,
