@@ -25,6 +25,6 @@ def test_tiny_demo_writes_a_complete_report(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["trajectory2d_lowdim_unet", "trajectory2d_lowdim_transformer"])
 def test_demo_acceptance(tmp_path, preset):
-    """Issue acceptance: both modes >= 25%, small distance, MSE-BC stays on no path (~8 min each)."""
+    """Issue acceptance: both modes >= 25%, small distance, MSE-BC on no path (~10+ min each)."""
     result = run_demo(tmp_path, preset=preset, progress=False)
     assert result["passed"], result["checks"]
