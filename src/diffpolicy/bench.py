@@ -28,7 +28,7 @@ from diffpolicy.config import RunConfig, load_config
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.policy import make_policy, normalizer_spec
 from diffpolicy.training.optim import make_optimizer
-from diffpolicy.training.trainer import make_dataset, to_device
+from diffpolicy.training.trainer import make_dataset, resolve_device, to_device
 
 DEFAULT_SAMPLERS = (("ddpm", 100), ("ddim", 10))
 
@@ -197,8 +197,6 @@ def run_bench(
     data: str | None = None,
 ) -> dict[str, Any]:
     """Bench each preset, print the table, write JSON to `out`; `data` adds data-loading timings."""
-    from diffpolicy.training.trainer import resolve_device
-
     device = resolve_device(device_name)
     rows = [
         bench_preset(p, device, batch_size, warmup=warmup, repeats=repeats, overrides=overrides, data=data)
