@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from diffpolicy.models.embeddings import SinusoidalPosEmb, expand_timesteps
+from diffpolicy.models.gemm_conv import GemmConv1d, GemmConvTranspose1d
 
 
 class Conv1dBlock(nn.Module):
@@ -21,7 +22,7 @@ class Conv1dBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, n_groups: int = 8) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+            GemmConv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
             nn.GroupNorm(n_groups, out_channels),
             nn.Mish(),
         )
@@ -50,7 +51,7 @@ class ConditionalResidualBlock1D(nn.Module):
         film_dim = 2 * out_channels if cond_predict_scale else out_channels
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, film_dim))
         self.residual_conv = (
-            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            GemmConv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         )
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
@@ -71,7 +72,7 @@ class Downsample1d(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1)
+        self.conv = GemmConv1d(channels, channels, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
@@ -82,7 +83,7 @@ class Upsample1d(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.ConvTranspose1d(channels, channels, kernel_size=4, stride=2, padding=1)
+        self.conv = GemmConvTranspose1d(channels, channels, kernel_size=4, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
@@ -162,7 +163,7 @@ class ConditionalUnet1D(nn.Module):
 
         self.final_conv = nn.Sequential(
             Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
-            nn.Conv1d(down_dims[0], input_dim, 1),
+            GemmConv1d(down_dims[0], input_dim, 1),
         )
 
     def num_params(self) -> int:
