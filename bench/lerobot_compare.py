@@ -5,9 +5,10 @@ there), see bench/compare_lerobot.md for the recipe. It measures what `diffpolic
 same way (medians after warm-up, synthetic inputs, no data loading):
 
 - train step: `policy.forward(batch)` (loss) + backward + optimizer step at batch 64. By default the
-  optimizer is the one `diffpolicy bench` uses (AdamW, lr 1e-4, betas (0.95, 0.999), weight decay 1e-6,
-  foreach on CPU, fused on CUDA), so both sides do the same work; `--optimizer lerobot` uses LeRobot's
-  own preset instead (`config.get_optimizer_preset().build(...)`, i.e. Adam with torch's defaults);
+  optimizer is LeRobot's own preset, as its users train (`config.get_optimizer_preset().build(...)`:
+  Adam, lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, with torch's default implementation, a
+  per-tensor loop on CPU); `--optimizer ours` gives it diffpolicy's optimizer instead (AdamW with the
+  same hyper-parameters, fused), to separate the optimizer from the networks;
 - fresh chunk: `predict_action_chunk` at batch 1 with empty observation queues, with DDPM-100 and
   DDIM-10 (a policy built with `noise_scheduler_type="DDIM"`, loaded with the same weights).
 
@@ -123,10 +124,10 @@ def synthetic_batch(cfg: DiffusionConfig, batch: int, device: torch.device, trai
 
 
 def make_optimizer(policy: DiffusionPolicy, kind: str, device: torch.device) -> torch.optim.Optimizer:
-    """`ours`: diffpolicy's AdamW settings; `lerobot`: the policy's own optimizer preset."""
+    """`lerobot`: the policy's own optimizer preset; `ours`: diffpolicy's fused AdamW settings."""
     if kind == "lerobot":
         return policy.config.get_optimizer_preset().build(policy.get_optim_params())
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kwargs = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
     params = [p for p in policy.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **kwargs)
 
@@ -158,7 +159,7 @@ def bench_lerobot(
     batch_size: int = 64,
     warmup: int = 2,
     repeats: int = 5,
-    optimizer_kind: str = "ours",
+    optimizer_kind: str = "lerobot",
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One row in the layout of diffpolicy.bench.bench_preset, for LeRobot's DiffusionPolicy."""
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--optimizer", choices=("ours", "lerobot"), default="ours")
+    ap.add_argument("--optimizer", choices=("ours", "lerobot"), default="lerobot")
     ap.add_argument("--out", help="JSON file for the results")
     ap.add_argument(
         "overrides", nargs="*", help='DiffusionConfig overrides as FIELD=JSON, e.g. down_dims="[64,128,256]"'
