@@ -123,6 +123,16 @@ def test_sampling_shapes_calls_and_action_range(steps):
     assert a.std() > 0.1  # not collapsed to a constant
 
 
+def test_multi_step_chain_spans_the_grid():
+    """n-step chains start at the top of the distillation grid and end at its lowest point."""
+    student, _ = build(*CONSISTENCY, "policy.consistency.original_inference_steps=10")
+    for steps, chain in [(1, [99]), (2, [99, 9]), (3, [99, 59, 9]), (10, list(range(99, 0, -10)))]:
+        student.set_sampler("consistency", steps)
+        student.set_sampling_timesteps(torch.device("cpu"))
+        assert student.consistency_chain() == chain
+        assert student.sampler.timesteps.tolist() == chain
+
+
 def test_distillation_lowers_its_loss(student_run):
     rows = [json.loads(line) for line in (student_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
