@@ -69,16 +69,20 @@ class _Gemm:
         return torch.ops.aten.mkldnn_linear(rows.contiguous().to_mkldnn(), self.packed, bias).to_dense()
 
 
-class GemmConv1d(nn.Conv1d):
-    """nn.Conv1d that runs wide CPU convolutions as im2col + one GEMM."""
+class _WithGemm:
+    """Mixin for the conv modules: owns their _Gemm, whose weight copy train() drops."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._gemm = _Gemm()
 
-    def train(self, mode: bool = True) -> GemmConv1d:
+    def train(self, mode: bool = True):
         self._gemm.clear()
         return super().train(mode)
+
+
+class GemmConv1d(_WithGemm, nn.Conv1d):
+    """nn.Conv1d that runs wide CPU convolutions as im2col + one GEMM."""
 
     def forward(self, x: Tensor) -> Tensor:
         width = self.in_channels * self.kernel_size[0]
@@ -94,16 +98,8 @@ class GemmConv1d(nn.Conv1d):
         return out.view(batch, length, self.out_channels).transpose(1, 2)
 
 
-class GemmConvTranspose1d(nn.ConvTranspose1d):
+class GemmConvTranspose1d(_WithGemm, nn.ConvTranspose1d):
     """nn.ConvTranspose1d that runs wide CPU transposed convolutions as one GEMM + col2im (F.fold)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._gemm = _Gemm()
-
-    def train(self, mode: bool = True) -> GemmConvTranspose1d:
-        self._gemm.clear()
-        return super().train(mode)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if output_size is not None or self.output_padding != (0,):
