@@ -221,3 +221,23 @@ def test_distillation_resumes_exactly(tmp_path, teacher):
         state_b = b[part] if part == "model" else b[part]["model"]
         for key in state_a:
             assert torch.allclose(state_a[key], state_b[key], atol=1e-6), (part, key)
+
+
+def test_v_teacher_starts_the_student_exactly():
+    """The student reads its network as v: from a v-prediction teacher it starts as the teacher's exact
+    denoiser; from an epsilon teacher only near t = 0 (the high-noise end is re-learned)."""
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(3))
+    for kind in ("v_prediction", "epsilon"):
+        teacher, _ = build(f"policy.scheduler.prediction_type={kind}")
+        student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
+        student.load_state_dict(teacher.state_dict())
+        cond = teacher.global_cond(teacher.encode_obs(obs_batch()))
+        for t in (99, 49, 0):
+            tt = torch.full((3,), t)
+            expected = teacher.predict_x0(teacher.call_net(x, tt, cond), x, tt)
+            _, x0 = student.consistency_output(x, tt, cond)
+            gap = (x0 - expected).abs().max().item()
+            if kind == "v_prediction":
+                assert gap < 1e-5, t
+            else:  # v ~ epsilon only where abar ~ 1
+                assert (gap < 1e-2) == (t == 0), (t, gap)

@@ -25,8 +25,11 @@ denoising loss:
   and it is well-conditioned at every t. Reading F as epsilon, x0 = (x - sqrt(1 - abar) F) / sqrt(abar)
   amplifies F's error by 1 / sqrt(abar_99) ~ 2000 at the top of our squaredcos_cap_v2 schedule (LCM's
   Stable Diffusion schedule ends at ~15x, which is why LCM gets away with epsilon); the first tiny run
-  with the epsilon reading had losses in the thousands. Where abar ~ 1 (low noise), v ~ epsilon, so the
-  teacher's weights are a good start exactly where the consistency targets are anchored;
+  with the epsilon reading had losses in the thousands. Where abar ~ 1 (low noise), v ~ epsilon, so an
+  epsilon teacher's weights are a good start where the consistency targets are anchored, and a poor one at
+  high noise (at t = 99 the student first reads x0 ~ -x). A teacher trained with
+  policy.scheduler.prediction_type=v_prediction (the EDM-style teacher parameterization the issue asks for)
+  gives the student the teacher's exact function as its start;
 * target network f_target: an EMA of the student (decay distill.target_ema_decay, LCM's 0.95),
   evaluated without gradient at (x_s, s), and f_target = x_s at s = -1 (the boundary condition);
 * loss = d(f_theta(x_t, t), f_target(x_s, s)) + w * ||x0_theta(x_t, t) - x0||^2,
@@ -64,7 +67,7 @@ from diffpolicy.checkpoint import CheckpointError, load_policy
 from diffpolicy.config import ConfigError, DistillConfig, EmaConfig, RunConfig, validate, with_overrides
 from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
 from diffpolicy.training.ema import EMA
-from diffpolicy.training.trainer import Trainer
+from diffpolicy.training.trainer import Trainer, log
 
 
 class TeacherError(ValueError):
@@ -273,6 +276,13 @@ class DistillTrainer(Trainer):
             student.load_state_dict(teacher.state_dict())
         except RuntimeError as e:
             raise TeacherError(f"the student does not match the teacher's networks: {e}") from None
+        kind = teacher.cfg.scheduler.prediction_type
+        if kind != "v_prediction":  # the student reads the same weights as v: see the module docstring
+            log.info(
+                "the teacher predicts %s; the student starts from its weights but relearns the high-noise end"
+                " (a teacher trained with policy.scheduler.prediction_type=v_prediction starts it exactly)",
+                kind,
+            )
         self.teacher = teacher
         return student
 
