@@ -25,6 +25,8 @@ def test_dotted_overrides_are_typed():
         ("policy.net=lstm", "policy.net='lstm' is not one of"),
         ("policy.horizon=4", "policy.horizon=4 is too short"),
         ("train.batch_size", "must look like key.path=value"),
+        ("eval.n_episodes=-1", "eval.n_episodes=-1 must be >= 0"),
+        ("eval.n_envs=0", "eval.n_envs=0 >= 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

@@ -57,6 +57,19 @@ class KilledAfterCheckpoint(Trainer):
             raise Interrupted
 
 
+def test_zero_eval_episodes_skip_the_final_evaluation(tmp_path, traj_store):
+    """eval.n_episodes=0 ends training after the last checkpoint (evaluate separately later)."""
+    from diffpolicy.evaluation import evaluate
+
+    cfg = make_cfg(traj_store, "train.num_steps=4", "eval.n_episodes=0")
+    report = Trainer(cfg, tmp_path / "run").fit()
+    assert report == {"n_episodes": 0}
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists() and not (tmp_path / "run" / "eval").exists()
+    with pytest.raises(ValueError, match="at least one episode"):
+        evaluate(None, None, cfg.eval, tmp_path / "ev")  # type: ignore[arg-type]
+    assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.parametrize("net", ["unet", "transformer"])
 def test_resume_continues_exactly(tmp_path, traj_store, net):
     cfg = make_cfg(traj_store, f"policy.net={net}")

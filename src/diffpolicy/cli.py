@@ -122,6 +122,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict, out: Path) -> None:
+    if report["n_episodes"] == 0:
+        print("no final evaluation (eval.n_episodes=0)")
+        return
     lo, hi = report["success_ci95"]
     print(
         f"success {report['success_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {report['n_episodes']} "

@@ -185,7 +185,7 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    n_episodes: int = 50
+    n_episodes: int = 50  # 0: train / distill skip their final evaluation
     seed: int = 100_000  # first evaluation seed; collection seeds stay below it
     n_envs: int = 10
     max_steps: int | None = None  # None -> the task's own limit
@@ -277,6 +277,12 @@ def validate(cfg: RunConfig) -> None:
     for key, mode in p.normalization.items():
         if mode not in ("minmax", "gaussian", "image", "identity"):
             raise ConfigError(f"policy.normalization.{key}={mode!r} is not a normalization mode")
+    if cfg.train.eval_every and cfg.train.eval_episodes < 1:
+        raise ConfigError("train.eval_episodes must be >= 1 when train.eval_every is set")
+    if cfg.eval.n_episodes < 0 or cfg.eval.n_envs < 1:
+        raise ConfigError(
+            f"eval.n_episodes={cfg.eval.n_episodes} must be >= 0 and eval.n_envs={cfg.eval.n_envs} >= 1"
+        )
     if not 0.0 <= cfg.data.val_ratio < 1.0:
         raise ConfigError("data.val_ratio must be in [0, 1)")
 

@@ -130,9 +130,11 @@ def evaluate(
     label: str = "policy",
 ) -> dict[str, Any]:
     """Evaluate in closed loop and write report.json / report.md (and videos, plots) into out_dir."""
+    n = cfg.n_episodes if n_episodes is None else n_episodes
+    if n < 1:
+        raise ValueError(f"an evaluation needs at least one episode, got n_episodes={n}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = n_episodes or cfg.n_episodes
     was_training = policy.training
     policy.eval()
     if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps):

@@ -549,6 +549,10 @@ class Trainer:
         if not self.is_main:
             return {}
         self.save_latest(tc.num_steps)
+        if self.cfg.eval.n_episodes == 0:
+            plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
+            log.info("finished; final evaluation skipped (eval.n_episodes=0)")
+            return {"n_episodes": 0}
         report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
         self._after_eval(tc.num_steps, report)
         self.save_latest(tc.num_steps)  # records the final top-k list too
