@@ -114,6 +114,11 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert "train_step_ms" in table and "chunk_ms[ddim-10]" in table
     row = json.loads(out.read_text())["rows"][0]
     assert row["train_step_ms"] > 0 and row["per_action_ms[ddpm-100]"] > 0
+    assert (row["train_precision"], row["precision"], row["compile"]) == ("no", "fp32", "no")
+    # the fast paths are selected by overrides and recorded in the row
+    assert main(argv + ["train.mixed_precision=bf16", "eval.precision=bf16"]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["train_precision"], row["precision"]) == ("bf16", "bf16") and row["train_step_ms"] > 0
 
 
 def test_bench_with_data_times_loading_too(tmp_path, traj_store):

@@ -1,16 +1,20 @@
 """Fast paths match the plain PyTorch computation they replace (issue 5): the U-Net's GEMM convolutions
-(models/gemm_conv.py) and the fused AdamW (training/optim.py)."""
+(models/gemm_conv.py), the fused AdamW (training/optim.py), and the inference fast paths of
+DiffusionPolicy.set_fast_paths (bf16 autocast, torch.compile) plus bf16 autocast in training."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
+from diffpolicy.bench import build_policy
 from diffpolicy.config import TrainConfig
 from diffpolicy.models import gemm_conv
 from diffpolicy.models.gemm_conv import GemmConv1d, GemmConvTranspose1d
 from diffpolicy.models.unet1d import ConditionalUnet1D
+from diffpolicy.policy import DiffusionPolicy
 from diffpolicy.training.optim import make_optimizer
 
 
@@ -124,3 +128,76 @@ def test_fused_adamw_matches_foreach():
         ref.step()
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+SHAPE_META = {"obs": {"pos": {"shape": [4], "type": "low_dim"}}, "action": {"shape": [2]}}
+
+
+def _policy(net: str) -> DiffusionPolicy:
+    """A tiny policy with random weights and a normalizer fitted to random data, sampling DDIM-10."""
+    torch.manual_seed(0)
+    cfg = tiny_config(f"policy.net={net}", "policy.scheduler.sampler=ddim")
+    return build_policy(cfg, SHAPE_META, torch.device("cpu")).eval()
+
+
+def _chunk(policy: DiffusionPolicy) -> torch.Tensor:
+    obs = {"pos": torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1))}
+    return policy.predict_action(obs, generator=torch.Generator().manual_seed(2))["action_pred"]
+
+
+@pytest.mark.parametrize("net", ["unet", "transformer"])
+def test_bf16_inference_tracks_fp32(net):
+    policy = _policy(net)
+    ref = _chunk(policy)
+    policy.set_fast_paths(precision="bf16")
+    got = _chunk(policy)
+    assert got.dtype == ref.dtype == torch.float32
+    assert not torch.equal(got, ref)  # bf16 really ran
+    # bf16 keeps ~3 significant digits per call; over ten denoising steps of a random network the chunk
+    # moves by ~0.1-0.6% of the action range on average (measured), a few percent at worst
+    span = (ref.max() - ref.min()).item()
+    err = (got - ref).abs()
+    assert err.mean() < 0.01 * span and err.max() < 0.05 * span
+    policy.set_fast_paths()
+    assert torch.equal(_chunk(policy), ref)
+
+
+def test_compiled_inference_matches_eager():
+    policy = _policy("unet")
+    keys = set(policy.state_dict())
+    ref = _chunk(policy)
+    policy.set_fast_paths(compile_mode="default")
+    assert set(policy.state_dict()) == keys  # the compiled function is not a submodule
+    torch.testing.assert_close(_chunk(policy), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_chunk(policy), ref, rtol=1e-4, atol=1e-4)  # replay, no recompile needed
+
+
+def test_fast_path_choices_are_checked():
+    policy = _policy("unet")
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        policy.set_fast_paths(precision="fp16")
+    with pytest.raises(ValueError, match="compile_mode 'fast'"):
+        policy.set_fast_paths(compile_mode="fast")
+
+
+@pytest.mark.parametrize("net", ["unet", "transformer"])
+def test_bf16_training_loss_and_gradients_track_fp32(net):
+    """train.mixed_precision=bf16 runs compute_loss under autocast: same loss and gradient direction."""
+    policy = _policy(net).train()
+    g = torch.Generator().manual_seed(3)
+    batch = {"obs": {"pos": torch.randn(8, 2, 4, generator=g)}, "action": torch.rand(8, 16, 2, generator=g)}
+    noise = policy.sample_training_noise(8, torch.Generator().manual_seed(4), torch.device("cpu"))
+
+    def loss_and_grad(bf16: bool) -> tuple[float, torch.Tensor]:
+        policy.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = policy.compute_loss(batch, **noise)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+
+    loss32, grad32 = loss_and_grad(False)
+    loss16, grad16 = loss_and_grad(True)
+    assert loss16 == pytest.approx(loss32, rel=3e-2)
+    # measured at random init: 0.9998 (U-Net), 0.92 (transformer: attention/LayerNorm gradients are the
+    # noisiest in bf16); a broken cast path gives unrelated gradients
+    assert F.cosine_similarity(grad16, grad32, dim=0) > 0.9

@@ -9,6 +9,10 @@ writes JSON so results can be compared across machines, commits and libraries.
 - fresh chunk: observation window -> action chunk (`predict_action`, batch 1), per sampler setting;
   amortized per action: that latency divided by n_action_steps;
 - peak memory: CUDA max allocated, or the process's peak RSS on CPU.
+
+Fast paths come from the preset's config, so overrides select them: `train.mixed_precision=bf16` (the
+training step under bf16 autocast), `eval.precision=bf16` and `eval.compile=reduce-overhead` (chunks with
+bf16 network calls / torch.compile, CUDA graphs on GPU). Warm-up calls absorb compilation.
 """
 
 from __future__ import annotations
@@ -125,8 +129,11 @@ def bench_preset(
     optimizer = make_optimizer(policy.optim_groups(cfg.train), cfg.train, device)
     policy.train()
 
+    bf16_train = cfg.train.mixed_precision == "bf16"
+
     def train_step() -> None:
-        loss = policy.compute_loss(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_train):
+            loss = policy.compute_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -150,6 +157,10 @@ def bench_preset(
         row["train_step_with_data_ms"] = with_data_ms
         row["train_samples_per_s_with_data"] = B / with_data_ms * 1000
     policy.eval()
+    if hasattr(policy, "set_fast_paths"):  # eval.precision / eval.compile, as `diffpolicy eval` runs them
+        policy.set_fast_paths(cfg.eval.precision, cfg.eval.compile)
+    row["train_precision"] = cfg.train.mixed_precision
+    row["precision"], row["compile"] = cfg.eval.precision, cfg.eval.compile or "no"
     obs1 = synthetic_obs(shape_meta, 1, p.n_obs_steps, device)
     for sampler, steps in samplers if hasattr(policy, "set_sampler") else (("regression", 1),):
         if hasattr(policy, "set_sampler"):

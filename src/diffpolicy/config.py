@@ -195,6 +195,10 @@ class EvalConfig:
     ensemble_decay: float = 0.1  # weight exp(-decay * age) of older chunks when ensembling
     sampler: str | None = None  # override policy.scheduler.sampler at evaluation
     num_inference_steps: int | None = None
+    # Inference fast paths (DiffusionPolicy.set_fast_paths): bf16 autocast of the network calls, and
+    # torch.compile's mode (reduce-overhead also captures CUDA graphs on GPU); null = eager.
+    precision: str = "fp32"
+    compile: str | None = None
 
 
 @dataclass
@@ -221,6 +225,8 @@ _CHOICES = {
     "distill.loss": ("huber", "mse"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
+    "eval.precision": ("fp32", "bf16"),
+    "eval.compile": (None, "default", "reduce-overhead", "max-autotune"),
 }
 
 

@@ -142,6 +142,8 @@ def evaluate(
             cfg.sampler or policy.cfg.scheduler.sampler,
             cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
         )
+    if hasattr(policy, "set_fast_paths"):
+        policy.set_fast_paths(cfg.precision, cfg.compile)
     t0 = time.perf_counter()
     rollouts = run_rollouts(policy, task, cfg, n, cfg.seed)
     elapsed = time.perf_counter() - t0
@@ -164,6 +166,8 @@ def evaluate(
         "wall_time_s": elapsed,
         "sampler": getattr(policy, "sampler", None) and type(policy.sampler).__name__,
         "num_inference_steps": getattr(policy, "num_inference_steps", None),
+        "precision": getattr(policy, "precision", "fp32"),
+        "compile": getattr(policy, "compile_mode", None),
         "n_action_steps": controller_steps(policy, cfg),
         "temporal_ensemble": cfg.temporal_ensemble,
         "task_metrics": task.summarize(rollouts, out_dir),

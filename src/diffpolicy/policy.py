@@ -147,11 +147,17 @@ class BasePolicy(nn.Module):
         return features.flatten(1) if self.cfg.net == "unet" else features
 
     def call_net(
-        self, sample: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: torch.Tensor | None,
+        net: Any = None,
     ) -> torch.Tensor:
+        """The noise network (or `net`, a compiled form of it) on (sample, t, condition)."""
+        net = net or self.net
         if self.cfg.net == "unet":
-            return self.net(sample, t, global_cond=cond)
-        return self.net(sample, t, cond=cond)
+            return net(sample, t, global_cond=cond)
+        return net(sample, t, cond=cond)
 
     # ----- optimisation -------------------------------------------------------------------------
     def optim_groups(self, train: TrainConfig) -> list[dict]:
@@ -209,6 +215,7 @@ class DiffusionPolicy(BasePolicy):
         super().__init__(cfg, shape_meta)
         self.noise_scheduler = make_scheduler(cfg.scheduler, "ddpm")
         self.set_sampler(cfg.scheduler.sampler, cfg.scheduler.num_inference_steps)
+        self.set_fast_paths()
 
     def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
         """Choose the inference sampler (ddpm | ddim) and its number of steps."""
@@ -221,6 +228,37 @@ class DiffusionPolicy(BasePolicy):
             raise ValueError(f"num_inference_steps must be in [1, {self.cfg.scheduler.num_train_timesteps}]")
         self.sampler = make_scheduler(self.cfg.scheduler, sampler)
         self.num_inference_steps = num_inference_steps
+
+    def set_fast_paths(self, precision: str = "fp32", compile_mode: str | None = None) -> None:
+        """How `predict_action` runs the noise network: fp32 or bf16 autocast, eager or torch.compile'd.
+
+        bf16 autocasts only the network calls; the scheduler's arithmetic and the sample stay fp32 (a
+        bf16 sample would lose the small per-step updates). compile_mode is torch.compile's mode:
+        "default", "max-autotune", or "reduce-overhead", which on CUDA also captures the network's kernels
+        as CUDA graphs (inductor's cudagraph trees) and replays them at every denoising step. The
+        compiled function is kept outside the module tree, so state dicts and checkpoints do not change.
+        Training (`compute_loss`) always runs the eager module; train.mixed_precision is its bf16 switch.
+        """
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r} is not one of ('fp32', 'bf16')")
+        if compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"compile_mode {compile_mode!r} is not one of (None, 'default', 'reduce-overhead', "
+                "'max-autotune')"
+            )
+        if (precision, compile_mode) == (getattr(self, "precision", None), getattr(self, "compile_mode", 0)):
+            return  # keep an already compiled network
+        self.precision, self.compile_mode = precision, compile_mode
+        # The compiled bound method is a plain function attribute: not a submodule, not in the state dict.
+        compiled = torch.compile(self.net.forward, mode=compile_mode, dynamic=False) if compile_mode else None
+        self._inference_net = compiled
+
+    def _denoise_call(self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """One network call of the sampling loop, through the fast paths chosen by `set_fast_paths`."""
+        bf16 = self.precision == "bf16"
+        with torch.autocast(sample.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = self.call_net(sample, t, cond, net=self._inference_net)
+        return out.to(sample.dtype)
 
     def set_sampling_timesteps(self, device: torch.device) -> None:
         """Put the sampler's timesteps for one chunk (the scheduler's own spacing of num_inference_steps)."""
@@ -338,7 +376,7 @@ class DiffusionPolicy(BasePolicy):
         for t in self.sampler.timesteps:
             if cond_mask is not None:
                 sample = torch.where(cond_mask, cond_traj, sample)
-            out = self.call_net(sample, t, cond)
+            out = self._denoise_call(sample, t, cond)
             sample = self.sampler.step(out, t, sample, generator=generator).prev_sample
         action_pred = self.normalizer.unnormalize("action", sample[..., : self.action_dim])
         return self.select_executed(self.check_actions(action_pred))
