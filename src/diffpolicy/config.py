@@ -217,6 +217,10 @@ class RunConfig:
         validate(self)
 
 
+# Inference fast paths (DiffusionPolicy.set_fast_paths): network-call precision and torch.compile mode.
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+
 _CHOICES = {
     "policy.type": ("diffusion", "mse_bc", "consistency"),
     "policy.net": ("unet", "transformer"),
@@ -225,8 +229,8 @@ _CHOICES = {
     "distill.loss": ("huber", "mse"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
-    "eval.precision": ("fp32", "bf16"),
-    "eval.compile": (None, "default", "reduce-overhead", "max-autotune"),
+    "eval.precision": PRECISIONS,
+    "eval.compile": COMPILE_MODES,
 }
 
 

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 from torch import nn
 
-from diffpolicy.config import ConsistencyConfig, NoiseSchedulerConfig, PolicyConfig, TrainConfig
+from diffpolicy.config import (
+    COMPILE_MODES,
+    PRECISIONS,
+    ConsistencyConfig,
+    NoiseSchedulerConfig,
+    PolicyConfig,
+    TrainConfig,
+)
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.models.vision import ObsEncoder
 
@@ -215,7 +222,7 @@ class DiffusionPolicy(BasePolicy):
         super().__init__(cfg, shape_meta)
         self.noise_scheduler = make_scheduler(cfg.scheduler, "ddpm")
         self.set_sampler(cfg.scheduler.sampler, cfg.scheduler.num_inference_steps)
-        self.set_fast_paths()
+        self.precision, self.compile_mode, self._inference_net = "fp32", None, None  # eager fp32
 
     def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
         """Choose the inference sampler (ddpm | ddim) and its number of steps."""
@@ -239,19 +246,16 @@ class DiffusionPolicy(BasePolicy):
         compiled function is kept outside the module tree, so state dicts and checkpoints do not change.
         Training (`compute_loss`) always runs the eager module; train.mixed_precision is its bf16 switch.
         """
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision {precision!r} is not one of ('fp32', 'bf16')")
-        if compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
-            raise ValueError(
-                f"compile_mode {compile_mode!r} is not one of (None, 'default', 'reduce-overhead', "
-                "'max-autotune')"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {compile_mode!r} is not one of {COMPILE_MODES}")
+        if compile_mode != self.compile_mode:  # an unchanged mode keeps the already compiled network
+            # A compiled bound method is a plain function attribute: not a submodule, not in the state dict.
+            self._inference_net = (
+                torch.compile(self.net.forward, mode=compile_mode, dynamic=False) if compile_mode else None
             )
-        if (precision, compile_mode) == (getattr(self, "precision", None), getattr(self, "compile_mode", 0)):
-            return  # keep an already compiled network
         self.precision, self.compile_mode = precision, compile_mode
-        # The compiled bound method is a plain function attribute: not a submodule, not in the state dict.
-        compiled = torch.compile(self.net.forward, mode=compile_mode, dynamic=False) if compile_mode else None
-        self._inference_net = compiled
 
     def _denoise_call(self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """One network call of the sampling loop, through the fast paths chosen by `set_fast_paths`."""
