@@ -145,8 +145,10 @@ def _chunk(policy: DiffusionPolicy) -> torch.Tensor:
     return policy.predict_action(obs, generator=torch.Generator().manual_seed(2))["action_pred"]
 
 
-@pytest.mark.parametrize("net", ["unet", "transformer"])
-def test_bf16_inference_tracks_fp32(net):
+@pytest.mark.parametrize("net,gemm", [("unet", False), ("unet", True), ("transformer", False)])
+def test_bf16_inference_tracks_fp32(net, gemm, monkeypatch):
+    if gemm:  # every U-Net convolution through the GEMM forms (autocast meets the oneDNN weight copy)
+        monkeypatch.setattr(gemm_conv, "MIN_GEMM_WIDTH", 1)
     policy = _policy(net)
     ref = _chunk(policy)
     policy.set_fast_paths(precision="bf16")
