@@ -550,20 +550,20 @@ class Trainer:
             return {}
         self.save_latest(tc.num_steps)
         if self.cfg.eval.n_episodes == 0:
-            plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
+            report: dict[str, Any] = {"n_episodes": 0}
             log.info("finished; final evaluation skipped (eval.n_episodes=0)")
-            return {"n_episodes": 0}
-        report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
-        self._after_eval(tc.num_steps, report)
-        self.save_latest(tc.num_steps)  # records the final top-k list too
+        else:
+            report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
+            self._after_eval(tc.num_steps, report)
+            self.save_latest(tc.num_steps)  # records the final top-k list too
+            log.info(
+                "finished: success %.3f (95%% CI %.3f-%.3f) over %d episodes; report %s",
+                report["success_rate"],
+                *report["success_ci95"],
+                report["n_episodes"],
+                self.run_dir / "eval",
+            )
         plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
-        log.info(
-            "finished: success %.3f (95%% CI %.3f-%.3f) over %d episodes; report %s",
-            report["success_rate"],
-            *report["success_ci95"],
-            report["n_episodes"],
-            self.run_dir / "eval",
-        )
         return report
 
 
