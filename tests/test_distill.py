@@ -7,12 +7,21 @@ import pytest
 import torch
 from conftest import tiny_config
 from diffusers import DDIMScheduler
+from torch.utils.data import default_collate
 
 from diffpolicy.checkpoint import load_policy, load_training_state, save_checkpoint
 from diffpolicy.cli import main
-from diffpolicy.config import ConfigError
+from diffpolicy.config import ConfigError, DistillConfig
 from diffpolicy.data.normalize import Normalizer
-from diffpolicy.distill import DistillTrainer, TeacherError, ddim_step, distill_config, load_teacher
+from diffpolicy.distill import (
+    ConsistencyDistillation,
+    DistillTrainer,
+    TeacherError,
+    ddim_step,
+    distill_config,
+    load_teacher,
+    teacher_solve,
+)
 from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, make_policy, make_scheduler
 from diffpolicy.training.trainer import Trainer
 
@@ -85,6 +94,74 @@ def test_ddim_step_matches_diffusers(prediction):
         expected = ddim.step(teacher.call_net(x, t, cond), t, x).prev_sample
         assert torch.allclose(ours, expected, atol=1e-5), t
     assert isinstance(ddim, DDIMScheduler)
+
+
+def test_teacher_solve_is_the_teachers_ddim_chain():
+    """Each sample takes its own number of DDIM steps; all the way down from the top is DDIM-N sampling."""
+    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
+    cond = teacher.global_cond(teacher.encode_obs(obs_batch()))
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(4))
+    t, steps = torch.tensor([99, 49, 19]), torch.tensor([10, 2, 2])  # k = 10: ends at -1, 29, -1
+    x_u, u = teacher_solve(teacher, x, t, steps, 10, cond)
+    assert u.tolist() == [-1, 29, -1]
+    with pytest.raises(ValueError, match="end at or above the clean end"):
+        teacher_solve(teacher, x, t, torch.tensor([10, 2, 3]), 10, cond)
+    for b in range(3):
+        one, now = x[b : b + 1], t[b : b + 1]
+        for _ in range(int(steps[b])):
+            one, now = ddim_step(teacher, one, now, now - 10, cond[b : b + 1]), now - 10
+        assert torch.allclose(x_u[b : b + 1], one, atol=1e-5), b
+    # the distillation grid 99, 89, ..., 9 -> clean is diffusers' "trailing" spacing
+    ddim = DDIMScheduler.from_config(
+        make_scheduler(teacher.cfg.scheduler, "ddim").config, timestep_spacing="trailing"
+    )
+    ddim.set_timesteps(10)
+    assert ddim.timesteps.tolist() == list(range(99, 0, -10))
+    sample = x[:1]
+    for step in ddim.timesteps:
+        sample = ddim.step(teacher.call_net(sample, step, cond[:1]), step, sample).prev_sample
+    assert torch.allclose(x_u[:1], sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("span", ["one", "uniform", "full"])
+def test_solver_span_draws(span):
+    student, _ = build(*CONSISTENCY, "policy.consistency.original_inference_steps=10")
+    loss = ConsistencyDistillation(student, student, student, DistillConfig(solver_span=span))
+    drawn = loss.sample_training_noise(40000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    index, steps = drawn["grid_index"], drawn["solver_steps"]
+    assert ((steps >= 1) & (steps <= index + 1)).all()
+    if span == "one":
+        assert (steps == 1).all()
+    elif span == "full":
+        assert torch.equal(steps, index + 1)
+    else:  # every span from one step to the clean end, about equally often, at the top of the grid
+        top = steps[index == 9]
+        counts = torch.bincount(top, minlength=11)[1:]
+        assert (counts > 0.85 * len(top) / 10).all(), counts
+    # the draws after the noise and grid index leave those two as they were with span=one
+    base = ConsistencyDistillation(student, student, student, DistillConfig())
+    again = base.sample_training_noise(40000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(again["noise"], drawn["noise"]) and torch.equal(again["grid_index"], index)
+    with pytest.raises(ConfigError, match="distill.solver_span"):
+        tiny_config("distill.solver_span=all")
+
+
+def test_full_span_targets_the_teachers_result(teacher, tmp_path):
+    """With span=full the consistency target is the teacher's DDIM result: the target network is unused."""
+    cfg = distill_config(teacher, [*DISTILL, "distill.solver_span=full"])
+    trainer = DistillTrainer(cfg, tmp_path / "run")
+    trainer._build_data()
+    trainer._build_policy()
+    loss = trainer.loss_module
+    for p in loss.target.parameters():
+        p.data.fill_(float("nan"))  # any use of the target network would poison the loss
+    batch = default_collate([trainer.train_set[i] for i in range(16)])
+    drawn = loss.sample_training_noise(16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.isfinite(loss(batch, **drawn))
+    loss.cfg.solver_span = "uniform"  # now some targets come from the (poisoned) target network
+    drawn = loss.sample_training_noise(16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert (drawn["solver_steps"] <= drawn["grid_index"]).any()
+    assert torch.isnan(loss(batch, **drawn))
 
 
 def test_boundary_condition_and_sampler_checks():

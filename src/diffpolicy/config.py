@@ -181,6 +181,10 @@ class DistillConfig:
     huber_c: float = 1.0e-3
     denoise_weight: float = 0.1  # weight of the auxiliary denoising loss (student x0 vs the clean chunk)
     target_ema_decay: float = 0.95  # the target network's EMA of the student (LCM's default)
+    # How far down the grid the teacher's ODE solver goes before the target network takes over:
+    # one (one grid step, LCM) | uniform (1..i steps, uniformly: CTM's soft consistency) | full (to the
+    # clean end: the teacher's own DDIM-N result is the target, no bootstrapping). See distill.py.
+    solver_span: str = "one"
 
 
 @dataclass
@@ -227,6 +231,7 @@ _CHOICES = {
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),
     "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
     "distill.loss": ("huber", "mse"),
+    "distill.solver_span": ("one", "uniform", "full"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
     "eval.precision": PRECISIONS,

@@ -30,6 +30,13 @@ denoising loss:
   high noise (at t = 99 the student first reads x0 ~ -x). A teacher trained with
   policy.scheduler.prediction_type=v_prediction (the EDM-style teacher parameterization the issue asks for)
   gives the student the teacher's exact function as its start;
+* how far the teacher solves (distill.solver_span): LCM's target takes one grid step, s = t - k, and
+  leaves the rest of the way to the target network, so a 1-step student's target at the top of the grid
+  is N bootstrapped jumps away from anything the teacher said. CTM's "soft consistency" instead lets the
+  teacher solve m grid steps, m uniform in 1..i (`uniform`), and `full` always solves to the clean end
+  (m = i: the target is the teacher's own DDIM-i result from x_t, plain trajectory distillation with no
+  target network in the loop). One grid step is what LCM and Consistency Policy's default use; the
+  longer spans cost (i + 1) / 2 and i teacher calls per sample instead of 1;
 * target network f_target: an EMA of the student (decay distill.target_ema_decay, LCM's 0.95),
   evaluated without gradient at (x_s, s), and f_target = x_s at s = -1 (the boundary condition);
 * loss = d(f_theta(x_t, t), f_target(x_s, s)) + w * ||x0_theta(x_t, t) - x0||^2,
@@ -178,6 +185,34 @@ def ddim_step(
     return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
 
 
+def teacher_solve(
+    teacher: DiffusionPolicy,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    steps: torch.Tensor,
+    skip: int,
+    cond: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`steps[b]` DDIM steps of size `skip` from x_t for each sample b: (x_u, u), u = t - steps * skip
+    (u = -1: the clean end). Each call of the teacher runs only the samples that still have steps left.
+    """
+    if ((steps < 1) | (t - steps * skip < -1)).any():
+        raise ValueError(
+            f"solver steps {steps.tolist()} from t = {t.tolist()} in steps of {skip}: each must be >= 1 and "
+            "end at or above the clean end (-1)"
+        )
+    x, now = sample, t
+    for j in range(int(steps.max())):
+        rows = (steps > j).nonzero().squeeze(1)
+        if len(rows) == len(steps):
+            x, now = ddim_step(teacher, x, now, now - skip, cond), now - skip
+        else:
+            x, now = x.clone(), now.clone()
+            x[rows] = ddim_step(teacher, x[rows], now[rows], now[rows] - skip, cond[rows])
+            now[rows] -= skip
+    return x, now
+
+
 def masked_pseudo_huber(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, c: float
 ) -> torch.Tensor:
@@ -210,17 +245,32 @@ class ConsistencyDistillation(nn.Module):
     def sample_training_noise(
         self, batch_size: int, generator: torch.Generator, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        """Forward-process noise and grid indices i (t = t_i) for a whole (global) batch."""
+        """Forward-process noise, grid indices (t = t_{index + 1}) and the teacher's solver steps for a
+        whole (global) batch."""
         s = self.student
         noise = torch.randn((batch_size, s.horizon, s.trajectory_dim), generator=generator, device=device)
         index = torch.randint(0, self.grid_size, (batch_size,), generator=generator, device=device)
-        return {"noise": noise, "grid_index": index}
+        steps = self.solver_steps(index, generator)
+        return {"noise": noise, "grid_index": index, "solver_steps": steps}
+
+    def solver_steps(
+        self, grid_index: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """How many grid steps the teacher solves from t = t_{index + 1} (distill.solver_span)."""
+        most = grid_index + 1  # all the way to the clean end
+        if self.cfg.solver_span == "one":
+            return torch.ones_like(grid_index)
+        if self.cfg.solver_span == "full":
+            return most
+        u = torch.rand(grid_index.shape, generator=generator, device=grid_index.device)
+        return 1 + (u * most).long().clamp(max=most - 1)  # uniform in 1..most
 
     def forward(
         self,
         batch: dict[str, Any],
         noise: torch.Tensor | None = None,
         grid_index: torch.Tensor | None = None,
+        solver_steps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Consistency loss + denoise_weight * auxiliary denoising loss (see the module docstring)."""
         student, obs = self.student, batch["obs"]
@@ -230,23 +280,27 @@ class ConsistencyDistillation(nn.Module):
         if grid_index is None:
             grid_index = torch.randint(0, self.grid_size, (B,), device=x0.device)
         grid_index = grid_index.to(x0.device)
-        if noise.shape != x0.shape or grid_index.shape != (B,):
+        steps = self.solver_steps(grid_index) if solver_steps is None else solver_steps.to(x0.device)
+        if noise.shape != x0.shape or grid_index.shape != (B,) or steps.shape != (B,):
             raise ValueError(
-                f"noise {tuple(noise.shape)} / grid_index {tuple(grid_index.shape)} do not fit the "
-                f"action chunk {tuple(x0.shape)}"
+                f"noise {tuple(noise.shape)} / grid_index {tuple(grid_index.shape)} / solver_steps "
+                f"{tuple(steps.shape)} do not fit the action chunk {tuple(x0.shape)}"
             )
         t = (grid_index + 1) * self.skip - 1  # t_{n+k}
-        s = t - self.skip  # t_n; -1 below the first grid point: the clean end (see the module docstring)
         x_t = student.noise_scheduler.add_noise(x0, noise, t)
         cond = student.global_cond(student.encode_obs(obs))
         f_student, x0_student = student.consistency_output(x_t, t, cond)
         with torch.no_grad():
             teacher, target = self.teacher, self.target
-            x_s = ddim_step(teacher, x_t, t, s, teacher.global_cond(teacher.encode_obs(obs)))
-            f_target, _ = target.consistency_output(
-                x_s, s.clamp(min=0), target.global_cond(target.encode_obs(obs))
-            )
-            f_target = torch.where((s < 0).view(-1, 1, 1), x_s, f_target)  # the boundary: f = x there
+            teacher_cond = teacher.global_cond(teacher.encode_obs(obs))
+            # s = t - steps * k; -1 (below the first grid point): the clean end, see the module docstring
+            x_s, s = teacher_solve(teacher, x_t, t, steps, self.skip, teacher_cond)
+            f_target = x_s  # the boundary, f = x at the clean end; the target network everywhere else
+            if (s >= 0).any():
+                f_net, _ = target.consistency_output(
+                    x_s, s.clamp(min=0), target.global_cond(target.encode_obs(obs))
+                )
+                f_target = torch.where((s < 0).view(-1, 1, 1), x_s, f_net)
         mask = student.loss_mask(batch, x0, None)
         if self.cfg.loss == "huber":
             consistency = masked_pseudo_huber(f_student, f_target, mask, self.cfg.huber_c)
