@@ -104,7 +104,7 @@ def test_teacher_solve_is_the_teachers_ddim_chain():
     t, steps = torch.tensor([99, 49, 19]), torch.tensor([10, 2, 2])  # k = 10: ends at -1, 29, -1
     x_u, u = teacher_solve(teacher, x, t, steps, 10, cond)
     assert u.tolist() == [-1, 29, -1]
-    with pytest.raises(ValueError, match="end at or above the clean end"):
+    with pytest.raises(ValueError, match="start at t >= 0"):
         teacher_solve(teacher, x, t, torch.tensor([10, 2, 3]), 10, cond)
     for b in range(3):
         one, now = x[b : b + 1], t[b : b + 1]
@@ -144,6 +144,8 @@ def test_solver_span_draws(span):
     assert torch.equal(again["noise"], drawn["noise"]) and torch.equal(again["grid_index"], index)
     with pytest.raises(ConfigError, match="distill.solver_span"):
         tiny_config("distill.solver_span=all")
+    with pytest.raises(ConfigError, match="distill.top_target"):
+        tiny_config("distill.top_target=ddpm")
 
 
 def test_full_span_targets_the_teachers_result(teacher, tmp_path):
@@ -162,6 +164,30 @@ def test_full_span_targets_the_teachers_result(teacher, tmp_path):
     drawn = loss.sample_training_noise(16, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert (drawn["solver_steps"] <= drawn["grid_index"]).any()
     assert torch.isnan(loss(batch, **drawn))
+
+
+def test_top_target_ddim_is_the_teachers_ddim_sampler():
+    """top_target=ddim: at the top of the grid the student sees pure noise and its target is exactly the chunk
+    the teacher's DDIM-N sampler (eval.sampler=ddim) makes from that noise; lower grid points as before."""
+    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
+    student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
+    student.load_state_dict(teacher.state_dict())
+    obs, B = obs_batch(), 3
+    x0 = torch.rand(B, 16, 2, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    noise = torch.randn(B, 16, 2, generator=torch.Generator().manual_seed(7))
+    index, steps = torch.tensor([9, 9, 4]), torch.ones(B, dtype=torch.long)
+    plain = ConsistencyDistillation(student, teacher, student, DistillConfig())
+    top = ConsistencyDistillation(student, teacher, student, DistillConfig(top_target="ddim"))
+    assert top.ddim_start == 90 and plain.ddim_start is None
+    t, x_t, f_target = top.targets(obs, x0, noise, index, steps)
+    t0, x_t0, f_target0 = plain.targets(obs, x0, noise, index, steps)
+    assert torch.equal(t, t0) and t.tolist() == [99, 99, 49]
+    assert torch.equal(x_t[:2], noise[:2]) and torch.equal(x_t[2], x_t0[2])
+    assert torch.allclose(f_target[2], f_target0[2]) and not torch.allclose(f_target[:2], f_target0[:2])
+    teacher.set_sampler("ddim", 10)
+    g = torch.Generator().manual_seed(7)  # predict_action's first draw is its initial noise
+    chunk = teacher.predict_action(obs, generator=g)["action_pred"]
+    assert torch.allclose(teacher.normalizer.normalize("action", chunk)[:2], f_target[:2], atol=1e-5)
 
 
 def test_boundary_condition_and_sampler_checks():

@@ -185,6 +185,10 @@ class DistillConfig:
     # one (one grid step, LCM) | uniform (1..i steps, uniformly: CTM's soft consistency) | full (to the
     # clean end: the teacher's own DDIM-N result is the target, no bootstrapping). See distill.py.
     solver_span: str = "one"
+    # What the top of the grid (where 1-step sampling starts) learns: ode (the consistency target, the
+    # teacher's ODE from t = T - 1) | ddim (the teacher's DDIM-N sampler as `eval.sampler=ddim` runs it,
+    # diffusers' leading spacing, from the same pure noise). See distill.py.
+    top_target: str = "ode"
 
 
 @dataclass
@@ -232,6 +236,7 @@ _CHOICES = {
     "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
     "distill.loss": ("huber", "mse"),
     "distill.solver_span": ("one", "uniform", "full"),
+    "distill.top_target": ("ode", "ddim"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
     "eval.precision": PRECISIONS,

@@ -37,6 +37,16 @@ denoising loss:
   (m = i: the target is the teacher's own DDIM-i result from x_t, plain trajectory distillation with no
   target network in the loop). One grid step is what LCM and Consistency Policy's default use; the
   longer spans cost (i + 1) / 2 and i teacher calls per sample instead of 1;
+* what the top of the grid learns (distill.top_target): 1-step sampling calls the student once, at
+  t_N = T - 1, on pure noise. With `ode` its target there is the consistency target above, i.e. in the
+  limit the teacher's probability-flow ODE from t = T - 1 (DDIM on the grid, diffusers' "trailing"
+  spacing). With `ddim` the student's input there is pure noise and its target is the teacher's DDIM-N
+  sampler as shipped (`eval.sampler=ddim eval.num_inference_steps=N`: diffusers' default "leading"
+  spacing, which starts at t = T - k and feeds that step pure noise although the forward process still
+  has sqrt(abar) = 0.15 of signal there), solved in full from the same noise. On Push-T the two teacher
+  samplers differ: DDIM-10 leading 0.79, trailing 0.695 over the same 200 episodes (BENCHMARKS.md), and a
+  consistency student is bounded by the sampler whose map it learns. Chained steps below the top keep the
+  consistency targets;
 * target network f_target: an EMA of the student (decay distill.target_ema_decay, LCM's 0.95),
   evaluated without gradient at (x_s, s), and f_target = x_s at s = -1 (the boundary condition);
 * loss = d(f_theta(x_t, t), f_target(x_s, s)) + w * ||x0_theta(x_t, t) - x0||^2,
@@ -72,7 +82,7 @@ from torch import nn
 
 from diffpolicy.checkpoint import CheckpointError, load_policy
 from diffpolicy.config import ConfigError, DistillConfig, EmaConfig, RunConfig, validate, with_overrides
-from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, make_scheduler
 from diffpolicy.training.ema import EMA
 from diffpolicy.training.trainer import Trainer, log
 
@@ -196,10 +206,10 @@ def teacher_solve(
     """`steps[b]` DDIM steps of size `skip` from x_t for each sample b: (x_u, u), u = t - steps * skip
     (u = -1: the clean end). Each call of the teacher runs only the samples that still have steps left.
     """
-    if ((steps < 1) | (t - steps * skip < -1)).any():
+    if ((steps < 1) | (t - (steps - 1) * skip < 0)).any():
         raise ValueError(
             f"solver steps {steps.tolist()} from t = {t.tolist()} in steps of {skip}: each must be >= 1 and "
-            "end at or above the clean end (-1)"
+            "start at t >= 0 (a step below 0 ends at the clean end)"
         )
     x, now = sample, t
     for j in range(int(steps.max())):
@@ -210,7 +220,7 @@ def teacher_solve(
             x, now = x.clone(), now.clone()
             x[rows] = ddim_step(teacher, x[rows], now[rows], now[rows] - skip, cond[rows])
             now[rows] -= skip
-    return x, now
+    return x, now.clamp(min=-1)
 
 
 def masked_pseudo_huber(
@@ -240,6 +250,17 @@ class ConsistencyDistillation(nn.Module):
         steps = student.cfg.scheduler.num_train_timesteps
         self.grid_size = student.cfg.consistency.original_inference_steps
         self.skip = steps // self.grid_size  # k
+        self.ddim_start: int | None = None
+        if cfg.top_target == "ddim":  # where the teacher's own DDIM-N sampler starts, and its step
+            ddim = make_scheduler(teacher.cfg.scheduler, "ddim")
+            ddim.set_timesteps(self.grid_size)
+            start, gaps = int(ddim.timesteps[0]), (-ddim.timesteps.diff()).unique().tolist()
+            if gaps not in ([], [self.skip]):
+                raise ValueError(
+                    f"the teacher's DDIM-{self.grid_size} timesteps {ddim.timesteps.tolist()} "
+                    f"are not evenly spaced by k = {self.skip}"
+                )
+            self.ddim_start = start
         self.terms: dict[str, torch.Tensor] = {}  # the last loss's parts, for logging
 
     def sample_training_noise(
@@ -286,21 +307,9 @@ class ConsistencyDistillation(nn.Module):
                 f"noise {tuple(noise.shape)} / grid_index {tuple(grid_index.shape)} / solver_steps "
                 f"{tuple(steps.shape)} do not fit the action chunk {tuple(x0.shape)}"
             )
-        t = (grid_index + 1) * self.skip - 1  # t_{n+k}
-        x_t = student.noise_scheduler.add_noise(x0, noise, t)
+        t, x_t, f_target = self.targets(obs, x0, noise, grid_index, steps)
         cond = student.global_cond(student.encode_obs(obs))
         f_student, x0_student = student.consistency_output(x_t, t, cond)
-        with torch.no_grad():
-            teacher, target = self.teacher, self.target
-            teacher_cond = teacher.global_cond(teacher.encode_obs(obs))
-            # s = t - steps * k; -1 (below the first grid point): the clean end, see the module docstring
-            x_s, s = teacher_solve(teacher, x_t, t, steps, self.skip, teacher_cond)
-            f_target = x_s  # the boundary, f = x at the clean end; the target network everywhere else
-            if (s >= 0).any():
-                f_net, _ = target.consistency_output(
-                    x_s, s.clamp(min=0), target.global_cond(target.encode_obs(obs))
-                )
-                f_target = torch.where((s < 0).view(-1, 1, 1), x_s, f_net)
         mask = student.loss_mask(batch, x0, None)
         if self.cfg.loss == "huber":
             consistency = masked_pseudo_huber(f_student, f_target, mask, self.cfg.huber_c)
@@ -309,6 +318,36 @@ class ConsistencyDistillation(nn.Module):
         denoise = student.masked_mse(x0_student, x0, mask)
         self.terms = {"train/consistency_loss": consistency.detach(), "train/denoise_loss": denoise.detach()}
         return consistency + self.cfg.denoise_weight * denoise
+
+    @torch.no_grad()
+    def targets(
+        self,
+        obs: dict[str, torch.Tensor],
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        grid_index: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, x_t, f_target): the student's timesteps and inputs, and the consistency targets."""
+        t = (grid_index + 1) * self.skip - 1  # t_{n+k}
+        x_t = self.student.noise_scheduler.add_noise(x0, noise, t)
+        teacher, target = self.teacher, self.target
+        teacher_cond = teacher.global_cond(teacher.encode_obs(obs))
+        start = t
+        if self.ddim_start is not None:  # top_target=ddim: the teacher's DDIM-N sampler from pure noise
+            top = grid_index == self.grid_size - 1
+            x_t = torch.where(top.view(-1, 1, 1), noise, x_t)  # what 1-step sampling feeds the student
+            start = torch.where(top, self.ddim_start, t)
+            steps = torch.where(top, self.grid_size, steps)
+        # s = t - steps * k; -1 (below the first grid point): the clean end, see the module docstring
+        x_s, s = teacher_solve(teacher, x_t, start, steps, self.skip, teacher_cond)
+        f_target = x_s  # the boundary, f = x at the clean end; the target network everywhere else
+        if (s >= 0).any():
+            f_net, _ = target.consistency_output(
+                x_s, s.clamp(min=0), target.global_cond(target.encode_obs(obs))
+            )
+            f_target = torch.where((s < 0).view(-1, 1, 1), x_s, f_net)
+        return t, x_t, f_target
 
 
 class DistillTrainer(Trainer):
