@@ -62,6 +62,7 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
                 "--out",
                 str(out),
                 "eval.sampler=ddim",
+                "eval.timestep_spacing=trailing",
                 "eval.n_videos=1",
             ]
         )
@@ -69,6 +70,9 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
     )
     report = json.loads((out / "report.json").read_text())
     assert report["n_episodes"] == 3 and report["sampler"] == "DDIMScheduler"
+    assert (
+        report["timestep_spacing"] == "trailing" and "(trailing spacing)" in (out / "report.md").read_text()
+    )
     assert any(v.endswith(".mp4") for v in report["videos"]) and any(
         v.endswith(".gif") for v in report["videos"]
     )

@@ -111,15 +111,13 @@ def test_teacher_solve_is_the_teachers_ddim_chain():
         for _ in range(int(steps[b])):
             one, now = ddim_step(teacher, one, now, now - 10, cond[b : b + 1]), now - 10
         assert torch.allclose(x_u[b : b + 1], one, atol=1e-5), b
-    # the distillation grid 99, 89, ..., 9 -> clean is diffusers' "trailing" spacing
-    ddim = DDIMScheduler.from_config(
-        make_scheduler(teacher.cfg.scheduler, "ddim").config, timestep_spacing="trailing"
-    )
-    ddim.set_timesteps(10)
-    assert ddim.timesteps.tolist() == list(range(99, 0, -10))
+    # the distillation grid 99, 89, ..., 9 -> clean is DDIM's "trailing" spacing
+    teacher.set_sampler("ddim", 10, "trailing")
+    teacher.set_sampling_timesteps(torch.device("cpu"))
+    assert teacher.sampler.timesteps.tolist() == list(range(99, 0, -10))
     sample = x[:1]
-    for step in ddim.timesteps:
-        sample = ddim.step(teacher.call_net(sample, step, cond[:1]), step, sample).prev_sample
+    for step in teacher.sampler.timesteps:
+        sample = teacher.sampler.step(teacher.call_net(sample, step, cond[:1]), step, sample).prev_sample
     assert torch.allclose(x_u[:1], sample, atol=1e-5)
 
 
@@ -188,6 +186,26 @@ def test_top_target_ddim_is_the_teachers_ddim_sampler():
     g = torch.Generator().manual_seed(7)  # predict_action's first draw is its initial noise
     chunk = teacher.predict_action(obs, generator=g)["action_pred"]
     assert torch.allclose(teacher.normalizer.normalize("action", chunk)[:2], f_target[:2], atol=1e-5)
+
+
+def test_timestep_spacing():
+    """DDIM-10 of 100: leading (the default) 90..0, trailing 99..9; consistency chains refuse a spacing."""
+    teacher, _ = build()
+    for spacing, first, last in ((None, 90, 0), ("leading", 90, 0), ("trailing", 99, 9), ("linspace", 99, 0)):
+        teacher.set_sampler("ddim", 10, spacing)
+        teacher.set_sampling_timesteps(torch.device("cpu"))
+        assert (teacher.sampler.timesteps[0], teacher.sampler.timesteps[-1]) == (first, last), spacing
+        assert teacher.timestep_spacing == (spacing or "leading")
+    trailing, _ = build("policy.scheduler.timestep_spacing=trailing", "policy.scheduler.sampler=ddim")
+    assert trailing.timestep_spacing == "trailing"
+    with pytest.raises(ValueError, match="timestep_spacing 'middle'"):
+        teacher.set_sampler("ddim", 10, "middle")
+    with pytest.raises(ConfigError, match="eval.timestep_spacing"):
+        tiny_config("eval.timestep_spacing=middle")
+    student, _ = build(*CONSISTENCY)
+    assert student.timestep_spacing is None
+    with pytest.raises(ValueError, match="ddpm / ddim sampling only"):
+        student.set_sampler("consistency", 1, "trailing")
 
 
 def test_boundary_condition_and_sampler_checks():

@@ -84,6 +84,9 @@ class NoiseSchedulerConfig:
     # training always uses the DDPM forward process)
     sampler: str = "ddpm"
     num_inference_steps: int = 100
+    # Where DDIM / DDPM put num_inference_steps < num_train_timesteps steps (diffusers' timestep_spacing):
+    # leading (diffusers' default: 90, 80, ..., 0 for 10 of 100) | trailing (99, 89, ..., 9) | linspace
+    timestep_spacing: str = "leading"
 
 
 @dataclass
@@ -203,6 +206,7 @@ class EvalConfig:
     ensemble_decay: float = 0.1  # weight exp(-decay * age) of older chunks when ensembling
     sampler: str | None = None  # override policy.scheduler.sampler at evaluation
     num_inference_steps: int | None = None
+    timestep_spacing: str | None = None  # override policy.scheduler.timestep_spacing at evaluation
     # Inference fast paths (DiffusionPolicy.set_fast_paths): bf16 autocast of the network calls, and
     # torch.compile's mode (reduce-overhead also captures CUDA graphs on GPU); null = eager.
     precision: str = "fp32"
@@ -227,6 +231,7 @@ class RunConfig:
 
 # Inference fast paths (DiffusionPolicy.set_fast_paths): network-call precision and torch.compile mode.
 PRECISIONS = ("fp32", "bf16")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
 _CHOICES = {
@@ -234,6 +239,7 @@ _CHOICES = {
     "policy.net": ("unet", "transformer"),
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),
     "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
+    "policy.scheduler.timestep_spacing": TIMESTEP_SPACINGS,
     "distill.loss": ("huber", "mse"),
     "distill.solver_span": ("one", "uniform", "full"),
     "distill.top_target": ("ode", "ddim"),
@@ -268,6 +274,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.eval.sampler is not None and cfg.eval.sampler not in _CHOICES["policy.scheduler.sampler"]:
         raise ConfigError(
             f"eval.sampler={cfg.eval.sampler!r} is not one of {_CHOICES['policy.scheduler.sampler']}"
+        )
+    if cfg.eval.timestep_spacing is not None and cfg.eval.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ConfigError(
+            f"eval.timestep_spacing={cfg.eval.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}"
         )
     consistency = p.type == "consistency"
     if consistency != (p.scheduler.sampler == "consistency"):

@@ -152,6 +152,7 @@ def distill_config(teacher: str | Path, overrides: list[str] | None = None) -> R
         "policy.scheduler.num_inference_steps=1",
         "eval.sampler=null",  # the teacher's evaluation sampler does not apply to the student
         "eval.num_inference_steps=null",
+        "eval.timestep_spacing=null",
         f"distill.teacher={Path(teacher).resolve()}",
     ]
     cfg = with_overrides(teacher_cfg, base + overrides)

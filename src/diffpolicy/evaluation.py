@@ -137,10 +137,11 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = policy.training
     policy.eval()
-    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps):
+    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps or cfg.timestep_spacing):
         policy.set_sampler(
             cfg.sampler or policy.cfg.scheduler.sampler,
             cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
+            cfg.timestep_spacing,
         )
     if hasattr(policy, "set_fast_paths"):
         policy.set_fast_paths(cfg.precision, cfg.compile)
@@ -166,6 +167,7 @@ def evaluate(
         "wall_time_s": elapsed,
         "sampler": getattr(policy, "sampler", None) and type(policy.sampler).__name__,
         "num_inference_steps": getattr(policy, "num_inference_steps", None),
+        "timestep_spacing": getattr(policy, "timestep_spacing", None),
         "precision": getattr(policy, "precision", "fp32"),
         "compile": getattr(policy, "compile_mode", None),
         "n_action_steps": controller_steps(policy, cfg),
@@ -194,7 +196,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- success rate: {report['success_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f})",
         f"- mean max reward: {report['mean_max_reward']:.3f}",
         f"- mean episode length: {report['mean_episode_length']:.1f}",
-        f"- sampler: {report['sampler']} x {report['num_inference_steps']}, actions per chunk: "
+        f"- sampler: {report['sampler']} x {report['num_inference_steps']}"
+        + (f" ({report['timestep_spacing']} spacing)" if report["timestep_spacing"] else "")
+        + f", actions per chunk: "
         f"{report['n_action_steps']}, temporal ensembling: {report['temporal_ensemble']}",
         f"- wall time: {report['wall_time_s']:.1f} s",
     ]

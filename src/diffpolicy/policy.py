@@ -13,6 +13,7 @@ diffusers' LCMScheduler with 1-3 steps. Nothing about the samplers is re-impleme
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 from diffpolicy.config import (
     COMPILE_MODES,
     PRECISIONS,
+    TIMESTEP_SPACINGS,
     ConsistencyConfig,
     NoiseSchedulerConfig,
     PolicyConfig,
@@ -41,7 +43,7 @@ def make_scheduler(
     cfg: NoiseSchedulerConfig, sampler: str | None = None, consistency: ConsistencyConfig | None = None
 ) -> DDPMScheduler | DDIMScheduler | LCMScheduler:
     """The diffusers scheduler for `sampler`: "ddpm" (training and DDPM sampling), "ddim", or "consistency"
-    (LCMScheduler over the distillation grid of `consistency`)."""
+    (LCMScheduler over the distillation grid of `consistency`, which fixes its own timesteps)."""
     common = dict(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
@@ -60,9 +62,10 @@ def make_scheduler(
             set_alpha_to_one=True,
             steps_offset=0,
         )
+    spacing = cfg.timestep_spacing
     if sampler == "ddim":
-        return DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
-    return DDPMScheduler(**common, variance_type="fixed_small")
+        return DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing)
+    return DDPMScheduler(**common, variance_type="fixed_small", timestep_spacing=spacing)
 
 
 def normalizer_spec(shape_meta: dict[str, Any], overrides: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -224,8 +227,13 @@ class DiffusionPolicy(BasePolicy):
         self.set_sampler(cfg.scheduler.sampler, cfg.scheduler.num_inference_steps)
         self.precision, self.compile_mode, self._inference_net = "fp32", None, None  # eager fp32
 
-    def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
-        """Choose the inference sampler (ddpm | ddim) and its number of steps."""
+    def set_sampler(
+        self, sampler: str, num_inference_steps: int, timestep_spacing: str | None = None
+    ) -> None:
+        """Choose the inference sampler (ddpm | ddim), its number of steps and, if given, where those steps
+        lie (leading | trailing | linspace; default policy.scheduler.timestep_spacing)."""
+        if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing {timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}")
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(
                 f"sampler {sampler!r} is not one of ('ddpm', 'ddim') for a diffusion policy "
@@ -233,8 +241,16 @@ class DiffusionPolicy(BasePolicy):
             )
         if not 1 <= num_inference_steps <= self.cfg.scheduler.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be in [1, {self.cfg.scheduler.num_train_timesteps}]")
-        self.sampler = make_scheduler(self.cfg.scheduler, sampler)
+        scheduler_cfg = replace(
+            self.cfg.scheduler, timestep_spacing=timestep_spacing or self.cfg.scheduler.timestep_spacing
+        )
+        self.sampler = make_scheduler(scheduler_cfg, sampler)
         self.num_inference_steps = num_inference_steps
+
+    @property
+    def timestep_spacing(self) -> str | None:
+        """Where the current sampler's steps lie (None for a consistency policy: its distillation grid)."""
+        return self.sampler.config.timestep_spacing
 
     def set_fast_paths(self, precision: str = "fp32", compile_mode: str | None = None) -> None:
         """How `predict_action` runs the noise network: fp32 or bf16 autocast, eager or torch.compile'd.
@@ -408,8 +424,15 @@ class ConsistencyPolicy(DiffusionPolicy):
     `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill.py.
     """
 
-    def set_sampler(self, sampler: str, num_inference_steps: int) -> None:
+    def set_sampler(
+        self, sampler: str, num_inference_steps: int, timestep_spacing: str | None = None
+    ) -> None:
         """Consistency sampling with 1 .. policy.consistency.original_inference_steps steps."""
+        if timestep_spacing is not None:
+            raise ValueError(
+                "a consistency policy's timesteps are its distillation grid (consistency_chain); "
+                "timestep_spacing applies to ddpm / ddim sampling only"
+            )
         if sampler != "consistency":
             raise ValueError(
                 f"a consistency-distilled policy samples with sampler='consistency' only, not {sampler!r}"
@@ -422,6 +445,10 @@ class ConsistencyPolicy(DiffusionPolicy):
             )
         self.sampler = make_scheduler(self.cfg.scheduler, "consistency", self.cfg.consistency)
         self.num_inference_steps = num_inference_steps
+
+    @property
+    def timestep_spacing(self) -> str | None:
+        return None  # the chain is fixed by the distillation grid (consistency_chain)
 
     def consistency_chain(self) -> list[int]:
         """The n-step chain: grid points t_i = i k - 1 for i evenly spaced from N down to 1."""
