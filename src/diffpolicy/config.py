@@ -190,7 +190,7 @@ class DistillConfig:
     solver_span: str = "one"
     # What the top of the grid (where 1-step sampling starts) learns: ode (the consistency target, the
     # teacher's ODE from t = T - 1) | ddim (the teacher's DDIM-N sampler as `eval.sampler=ddim` runs it,
-    # diffusers' leading spacing, from the same pure noise). See distill.py.
+    # with its policy.scheduler.timestep_spacing, leading by default, from the same noise). See distill.py.
     top_target: str = "ode"
 
 

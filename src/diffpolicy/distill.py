@@ -41,12 +41,12 @@ denoising loss:
   t_N = T - 1, on pure noise. With `ode` its target there is the consistency target above, i.e. in the
   limit the teacher's probability-flow ODE from t = T - 1 (DDIM on the grid, diffusers' "trailing"
   spacing). With `ddim` the student's input there is pure noise and its target is the teacher's DDIM-N
-  sampler as shipped (`eval.sampler=ddim eval.num_inference_steps=N`: diffusers' default "leading"
-  spacing, which starts at t = T - k and feeds that step pure noise although the forward process still
-  has sqrt(abar) = 0.15 of signal there), solved in full from the same noise. On Push-T the two teacher
-  samplers differ: DDIM-10 leading 0.79, trailing 0.695 over the same 200 episodes (BENCHMARKS.md), and a
-  consistency student is bounded by the sampler whose map it learns. Chained steps below the top keep the
-  consistency targets;
+  sampler as shipped (`eval.sampler=ddim eval.num_inference_steps=N` with the teacher's
+  policy.scheduler.timestep_spacing; the default, diffusers' "leading", starts at t = T - k and feeds that
+  step pure noise although the forward process still has sqrt(abar) = 0.15 of signal there), solved in
+  full from the same noise. On Push-T the two teacher samplers differ: DDIM-10 leading 0.79, trailing
+  0.695 over the same 200 episodes (BENCHMARKS.md), and a 1-step student gets no further than the sampler
+  whose map it learns. Chained steps below the top keep the consistency targets;
 * target network f_target: an EMA of the student (decay distill.target_ema_decay, LCM's 0.95),
   evaluated without gradient at (x_s, s), and f_target = x_s at s = -1 (the boundary condition);
 * loss = d(f_theta(x_t, t), f_target(x_s, s)) + w * ||x0_theta(x_t, t) - x0||^2,
