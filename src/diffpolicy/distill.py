@@ -212,15 +212,11 @@ def teacher_solve(
             f"solver steps {steps.tolist()} from t = {t.tolist()} in steps of {skip}: each must be >= 1 and "
             "start at t >= 0 (a step below 0 ends at the clean end)"
         )
-    x, now = sample, t
+    x, now = sample.clone(), t.clone()
     for j in range(int(steps.max())):
         rows = (steps > j).nonzero().squeeze(1)
-        if len(rows) == len(steps):
-            x, now = ddim_step(teacher, x, now, now - skip, cond), now - skip
-        else:
-            x, now = x.clone(), now.clone()
-            x[rows] = ddim_step(teacher, x[rows], now[rows], now[rows] - skip, cond[rows])
-            now[rows] -= skip
+        x[rows] = ddim_step(teacher, x[rows], now[rows], now[rows] - skip, cond[rows])
+        now[rows] -= skip
     return x, now.clamp(min=-1)
 
 
