@@ -121,6 +121,35 @@ def test_teacher_solve_is_the_teachers_ddim_chain():
     assert torch.allclose(x_u[:1], sample, atol=1e-5)
 
 
+def test_solver_substeps_solve_the_ode_finer():
+    """solver_substeps=m: each grid step is m DDIM steps, so the top-to-clean solve is DDIM-(N m) trailing,
+    and a target below the top is the target network's output at the same grid point as with m = 1."""
+    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
+    student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
+    student.load_state_dict(teacher.state_dict())
+    obs, B = obs_batch(), 3
+    x0 = torch.rand(B, 16, 2, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    noise = torch.randn(B, 16, 2, generator=torch.Generator().manual_seed(7))
+    index, steps = torch.tensor([9, 3, 3]), torch.tensor([10, 1, 1])
+    fine = ConsistencyDistillation(student, teacher, student, DistillConfig(solver_substeps=2))
+    coarse = ConsistencyDistillation(student, teacher, student, DistillConfig())
+    t, x_t, f_fine = fine.targets(obs, x0, noise, index, steps)
+    _, _, f_coarse = coarse.targets(obs, x0, noise, index, steps)
+    teacher.set_sampler("ddim", 20, "trailing")  # 99, 94, ..., 4, then the clean end
+    teacher.set_sampling_timesteps(torch.device("cpu"))
+    cond = teacher.global_cond(teacher.encode_obs(obs))
+    sample = x_t[:1]
+    for step in teacher.sampler.timesteps:
+        sample = teacher.sampler.step(teacher.call_net(sample, step, cond[:1]), step, sample).prev_sample
+    assert torch.allclose(f_fine[:1], sample, atol=1e-5)
+    assert not torch.allclose(f_fine, f_coarse, atol=1e-4)  # a finer solve is a different target
+    for bad in ("distill.solver_substeps=3", "distill.solver_substeps=0"):
+        with pytest.raises(ConfigError, match="must divide the grid step k = 10"):
+            tiny_config("policy.consistency.original_inference_steps=10", bad)
+    with pytest.raises(ConfigError, match="choose one"):
+        tiny_config("distill.solver_substeps=2", "distill.top_target=ddim")
+
+
 @pytest.mark.parametrize("span", ["one", "uniform", "full"])
 def test_solver_span_draws(span):
     student, _ = build(*CONSISTENCY, "policy.consistency.original_inference_steps=10")

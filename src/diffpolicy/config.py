@@ -192,6 +192,9 @@ class DistillConfig:
     # teacher's ODE from t = T - 1) | ddim (the teacher's DDIM-N sampler as `eval.sampler=ddim` runs it,
     # with its policy.scheduler.timestep_spacing, leading by default, from the same noise). See distill.py.
     top_target: str = "ode"
+    # DDIM sub-steps per grid step of the teacher's solve: 1 (LCM) .. k = T // grid (one per timestep, the
+    # ODE as DDIM-T solves it). The targets stay on the grid; each teacher call costs a forward pass.
+    solver_substeps: int = 1
 
 
 @dataclass
@@ -304,6 +307,17 @@ def validate(cfg: RunConfig) -> None:
     ):
         if not ok:
             raise ConfigError(f"distill.{key}={getattr(d, key)!r} must be {rule}")
+    skip = p.scheduler.num_train_timesteps // grid
+    if d.solver_substeps < 1 or skip % d.solver_substeps:
+        raise ConfigError(
+            f"distill.solver_substeps={d.solver_substeps} must divide the grid step k = {skip} "
+            f"(num_train_timesteps // policy.consistency.original_inference_steps)"
+        )
+    if d.solver_substeps > 1 and d.top_target == "ddim":
+        raise ConfigError(
+            "distill.solver_substeps > 1 refines the ODE targets; top_target=ddim regresses the top on the "
+            "teacher's DDIM-N sampler as shipped: choose one"
+        )
     for key, mode in p.normalization.items():
         if mode not in ("minmax", "gaussian", "image", "identity"):
             raise ConfigError(f"policy.normalization.{key}={mode!r} is not a normalization mode")
