@@ -96,6 +96,15 @@ def test_ddim_step_matches_diffusers(prediction):
     assert isinstance(ddim, DDIMScheduler)
 
 
+def trailing_ddim(teacher, sample, cond, n):
+    """The teacher's DDIM-n with trailing spacing (T - 1, ..., then the clean end) through diffusers."""
+    teacher.set_sampler("ddim", n, "trailing")
+    teacher.set_sampling_timesteps(torch.device("cpu"))
+    for step in teacher.sampler.timesteps:
+        sample = teacher.sampler.step(teacher.call_net(sample, step, cond), step, sample).prev_sample
+    return sample
+
+
 def test_teacher_solve_is_the_teachers_ddim_chain():
     """Each sample takes its own number of DDIM steps; all the way down from the top is DDIM-N sampling."""
     teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
@@ -112,18 +121,13 @@ def test_teacher_solve_is_the_teachers_ddim_chain():
             one, now = ddim_step(teacher, one, now, now - 10, cond[b : b + 1]), now - 10
         assert torch.allclose(x_u[b : b + 1], one, atol=1e-5), b
     # the distillation grid 99, 89, ..., 9 -> clean is DDIM's "trailing" spacing
-    teacher.set_sampler("ddim", 10, "trailing")
-    teacher.set_sampling_timesteps(torch.device("cpu"))
+    assert torch.allclose(x_u[:1], trailing_ddim(teacher, x[:1], cond[:1], 10), atol=1e-5)
     assert teacher.sampler.timesteps.tolist() == list(range(99, 0, -10))
-    sample = x[:1]
-    for step in teacher.sampler.timesteps:
-        sample = teacher.sampler.step(teacher.call_net(sample, step, cond[:1]), step, sample).prev_sample
-    assert torch.allclose(x_u[:1], sample, atol=1e-5)
 
 
 def test_solver_substeps_solve_the_ode_finer():
-    """solver_substeps=m: each grid step is m DDIM steps, so the top-to-clean solve is DDIM-(N m) trailing,
-    and a target below the top is the target network's output at the same grid point as with m = 1."""
+    """solver_substeps=m: each grid step is m DDIM steps, so the top-to-clean solve is DDIM-(N m) trailing;
+    the student's grid points stay where they are, and the finer solve changes the targets."""
     teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
     student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
     student.load_state_dict(teacher.state_dict())
@@ -135,13 +139,9 @@ def test_solver_substeps_solve_the_ode_finer():
     coarse = ConsistencyDistillation(student, teacher, student, DistillConfig())
     t, x_t, f_fine = fine.targets(obs, x0, noise, index, steps)
     _, _, f_coarse = coarse.targets(obs, x0, noise, index, steps)
-    teacher.set_sampler("ddim", 20, "trailing")  # 99, 94, ..., 4, then the clean end
-    teacher.set_sampling_timesteps(torch.device("cpu"))
     cond = teacher.global_cond(teacher.encode_obs(obs))
-    sample = x_t[:1]
-    for step in teacher.sampler.timesteps:
-        sample = teacher.sampler.step(teacher.call_net(sample, step, cond[:1]), step, sample).prev_sample
-    assert torch.allclose(f_fine[:1], sample, atol=1e-5)
+    assert torch.allclose(f_fine[:1], trailing_ddim(teacher, x_t[:1], cond[:1], 20), atol=1e-5)  # 99, 94, ..
+    assert torch.equal(t, (index + 1) * 10 - 1)  # the student's grid points do not change with m
     assert not torch.allclose(f_fine, f_coarse, atol=1e-4)  # a finer solve is a different target
     for bad in ("distill.solver_substeps=3", "distill.solver_substeps=0"):
         with pytest.raises(ConfigError, match="must divide the grid step k = 10"):
