@@ -206,7 +206,9 @@ class EvalConfig:
     n_videos: int = 0
     n_action_steps: int | None = None  # actions executed per chunk; None -> policy.n_action_steps
     temporal_ensemble: bool = False
-    ensemble_decay: float = 0.1  # weight exp(-decay * age) of older chunks when ensembling
+    # ACT's weights when ensembling: exp(-decay * i), i = 0 the OLDEST covering chunk, so a positive decay
+    # favours older chunks (as ACT does) and a negative one the newest (see control.py)
+    ensemble_decay: float = 0.1
     sampler: str | None = None  # override policy.scheduler.sampler at evaluation
     num_inference_steps: int | None = None
     timestep_spacing: str | None = None  # override policy.scheduler.timestep_spacing at evaluation
