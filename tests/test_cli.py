@@ -64,12 +64,16 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
                 "eval.sampler=ddim",
                 "eval.timestep_spacing=trailing",
                 "eval.n_videos=1",
+                "eval.temporal_ensemble=true",
+                "eval.ensemble_decay=-0.5",
             ]
         )
         == 0
     )
     report = json.loads((out / "report.json").read_text())
     assert report["n_episodes"] == 3 and report["sampler"] == "DDIMScheduler"
+    assert report["temporal_ensemble"] and report["ensemble_decay"] == -0.5
+    assert "temporal ensembling: True (decay -0.5)" in (out / "report.md").read_text()
     assert (
         report["timestep_spacing"] == "trailing" and "(trailing spacing)" in (out / "report.md").read_text()
     )

@@ -172,6 +172,8 @@ def evaluate(
         "compile": getattr(policy, "compile_mode", None),
         "n_action_steps": controller_steps(policy, cfg),
         "temporal_ensemble": cfg.temporal_ensemble,
+        # the blend's weighting changes results a lot (BENCHMARKS), so a report names it
+        "ensemble_decay": cfg.ensemble_decay if cfg.temporal_ensemble else None,
         "task_metrics": task.summarize(rollouts, out_dir),
         "videos": videos,
         "episodes": [
@@ -199,7 +201,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- sampler: {report['sampler']} x {report['num_inference_steps']}"
         + (f" ({report['timestep_spacing']} spacing)" if report["timestep_spacing"] else "")
         + f", actions per chunk: "
-        f"{report['n_action_steps']}, temporal ensembling: {report['temporal_ensemble']}",
+        f"{report['n_action_steps']}, temporal ensembling: {report['temporal_ensemble']}"
+        + (f" (decay {report['ensemble_decay']})" if report.get("ensemble_decay") is not None else ""),
         f"- wall time: {report['wall_time_s']:.1f} s",
     ]
     metrics = {k: v for k, v in report["task_metrics"].items() if not isinstance(v, list | dict)}
