@@ -156,6 +156,26 @@ def test_resume_refuses_a_different_config(tmp_path, traj_store):
         Trainer(make_cfg(traj_store, "policy.horizon=24"), tmp_path / "run").fit()
 
 
+def test_resume_reads_keys_added_since_the_run_began_as_defaults(tmp_path, traj_store):
+    """A run saved before a config field existed resumes (the field at its default, as from_pretrained
+    reads the checkpoint); a non-default value for it is still a different config."""
+    import yaml
+
+    with pytest.raises(Interrupted):
+        KilledAfterCheckpoint(make_cfg(traj_store), tmp_path / "run").fit()
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["policy"]["scheduler"]["timestep_spacing"]  # as in a config written before the field existed
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ResumeMismatch, match="policy.scheduler.timestep_spacing: 'leading' -> 'trailing'"):
+        Trainer(make_cfg(traj_store, "policy.scheduler.timestep_spacing=trailing"), tmp_path / "run").fit()
+    Trainer(make_cfg(traj_store), tmp_path / "run").fit()
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+    path.write_text(yaml.safe_dump({**saved, "no_such_key": 1}))
+    with pytest.raises(ResumeMismatch, match="no longer loads as a run config"):
+        Trainer(make_cfg(traj_store), tmp_path / "run").fit()
+
+
 def test_epoch_sampler_is_a_pure_function_of_the_step():
     full = EpochBatchSampler(n=50, batch_size=8, seed=3)
     it = iter(full)
