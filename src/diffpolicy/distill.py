@@ -52,8 +52,10 @@ denoising loss:
   policy.scheduler.timestep_spacing; the default, diffusers' "leading", starts at t = T - k and feeds that
   step pure noise although the forward process still has sqrt(abar) = 0.15 of signal there), solved in
   full from the same noise. On Push-T the two teacher samplers differ: DDIM-10 leading 0.79, trailing
-  0.695 over the same 200 episodes (BENCHMARKS.md), and a 1-step student gets no further than the sampler
-  whose map it learns. Chained steps below the top keep the consistency targets;
+  0.695 over the same 200 episodes (BENCHMARKS.md). Learning the leading sampler's map did not lift
+  1-step success (0.61); longer distillation moved it more (`ode`, 20,000 steps: 0.72 against 0.66 at
+  10,000, paired p = 0.13; level with the trailing sampler whose map it learns). Chained steps below the
+  top keep the consistency targets;
 * target network f_target: an EMA of the student (decay distill.target_ema_decay, LCM's 0.95),
   evaluated without gradient at (x_s, s), and f_target = x_s at s = -1 (the boundary condition);
 * loss = d(f_theta(x_t, t), f_target(x_s, s)) + w * ||x0_theta(x_t, t) - x0||^2,
