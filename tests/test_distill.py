@@ -105,6 +105,16 @@ def trailing_ddim(teacher, sample, cond, n):
     return sample
 
 
+def v_teacher_student_batch():
+    """A v-prediction teacher, a student started from it, and a batch of 3 (obs, clean chunk, noise)."""
+    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
+    student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
+    student.load_state_dict(teacher.state_dict())
+    x0 = torch.rand(3, 16, 2, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    noise = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(7))
+    return teacher, student, obs_batch(), x0, noise
+
+
 def test_teacher_solve_is_the_teachers_ddim_chain():
     """Each sample takes its own number of DDIM steps; all the way down from the top is DDIM-N sampling."""
     teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
@@ -128,12 +138,7 @@ def test_teacher_solve_is_the_teachers_ddim_chain():
 def test_solver_substeps_solve_the_ode_finer():
     """solver_substeps=m: each grid step is m DDIM steps, so the top-to-clean solve is DDIM-(N m) trailing;
     the student's grid points stay where they are, and the finer solve changes the targets."""
-    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
-    student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
-    student.load_state_dict(teacher.state_dict())
-    obs, B = obs_batch(), 3
-    x0 = torch.rand(B, 16, 2, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    noise = torch.randn(B, 16, 2, generator=torch.Generator().manual_seed(7))
+    teacher, student, obs, x0, noise = v_teacher_student_batch()
     index, steps = torch.tensor([9, 3, 3]), torch.tensor([10, 1, 1])
     fine = ConsistencyDistillation(student, teacher, student, DistillConfig(solver_substeps=2))
     coarse = ConsistencyDistillation(student, teacher, student, DistillConfig())
@@ -196,12 +201,8 @@ def test_full_span_targets_the_teachers_result(teacher, tmp_path):
 def test_top_target_ddim_is_the_teachers_ddim_sampler():
     """top_target=ddim: at the top of the grid the student sees pure noise and its target is exactly the chunk
     the teacher's DDIM-N sampler (eval.sampler=ddim) makes from that noise; lower grid points as before."""
-    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
-    student, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
-    student.load_state_dict(teacher.state_dict())
-    obs, B = obs_batch(), 3
-    x0 = torch.rand(B, 16, 2, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    noise = torch.randn(B, 16, 2, generator=torch.Generator().manual_seed(7))
+    teacher, student, obs, x0, noise = v_teacher_student_batch()
+    B = x0.shape[0]
     index, steps = torch.tensor([9, 9, 4]), torch.ones(B, dtype=torch.long)
     plain = ConsistencyDistillation(student, teacher, student, DistillConfig())
     top = ConsistencyDistillation(student, teacher, student, DistillConfig(top_target="ddim"))
