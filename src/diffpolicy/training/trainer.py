@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from diffpolicy.checkpoint import load_training_state, save_checkpoint
-from diffpolicy.config import ConfigError, RunConfig, from_dict, save_yaml, to_dict
+from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_episodes
@@ -218,12 +218,8 @@ class Trainer:
     def _check_config(self) -> None:
         path = self.run_dir / "config.yaml"
         if path.exists() and (self.ckpt_dir / "latest").exists():
-            import yaml
-
-            with open(path) as f:
-                raw = yaml.safe_load(f)
             try:  # keys added to the config since the run began read as their defaults, as from_pretrained
-                old = to_dict(from_dict(raw))  # reads an old checkpoint: a release must not strand a run
+                old = to_dict(load_config(path))  # reads an old checkpoint: a release must not strand a run
             except ConfigError as e:
                 raise ResumeMismatch(
                     f"{path} no longer loads as a run config ({e}); use another run folder"
