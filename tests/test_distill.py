@@ -392,3 +392,31 @@ def test_v_teacher_starts_the_student_exactly():
                 assert gap < 1e-5, t
             else:  # v ~ epsilon only where abar ~ 1
                 assert (gap < 1e-2) == (t == 0), (t, gap)
+
+
+def test_init_student_fine_tunes_a_distilled_student(tmp_path, teacher, student_run):
+    """distill.init_student starts the student (and so its target and exported EMA) from a distilled
+    checkpoint instead of the teacher; anything else there is a named error."""
+    init = student_run / "checkpoints" / "latest"
+    still = ["distill.num_steps=1", "distill.lr=1e-12", "eval.n_episodes=0"]  # the weights barely move
+    cfg = distill_config(teacher, [*DISTILL, *still, f"distill.init_student={init}"])
+    DistillTrainer(cfg, tmp_path / "ft").fit()
+    tuned, tuned_cfg = load_policy(tmp_path / "ft" / "checkpoints" / "latest")
+    assert tuned_cfg.distill.init_student == str(init)
+    init_state, t_state = load_policy(init)[0].state_dict(), load_policy(teacher)[0].state_dict()
+    for key, value in tuned.state_dict().items():
+        assert torch.allclose(value, init_state[key], atol=1e-6), key
+    assert any(not torch.allclose(tuned.state_dict()[k], t_state[k]) for k in t_state if k.startswith("net."))
+
+    def fails(path, match):
+        cfg = distill_config(teacher, [*DISTILL, *still, f"distill.init_student={path}"])
+        with pytest.raises(TeacherError, match=match):
+            DistillTrainer(cfg, tmp_path / "failed").fit()
+
+    fails(tmp_path / "nope", "cannot load distill.init_student")
+    fails(teacher, "DiffusionPolicy, not a consistency-distilled student")
+    other, other_cfg = load_policy(init)
+    key = "normalizer.params.action.scale"
+    other.state_dict()[key].mul_(2.0)  # the buffers are the state: statistics from other data
+    save_checkpoint(tmp_path / "other", other, other_cfg)
+    fails(tmp_path / "other", f"other normalizer statistics than the teacher's \\({key} differs\\)")

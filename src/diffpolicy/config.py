@@ -195,6 +195,10 @@ class DistillConfig:
     # DDIM sub-steps per grid step of the teacher's solve: 1 (LCM) .. k = T // grid (one per timestep, the
     # ODE as DDIM-T solves it). The targets stay on the grid; each teacher call costs a forward pass.
     solver_substeps: int = 1
+    # Start the student from this consistency checkpoint instead of the teacher's weights ("" = the teacher):
+    # fine-tune a distilled student with another objective or budget, on a fresh schedule. Its networks
+    # and normalizer must match the teacher's.
+    init_student: str = ""
 
 
 @dataclass

@@ -77,7 +77,9 @@ pull towards the mode average.
 Training reuses the Trainer (data, optimizer, LR schedule, EMA of the weights for the exported
 student, checkpoints, resume, logs, final closed-loop evaluation): `DistillTrainer` only builds a
 different policy (the student) and loss (`ConsistencyDistillation`) and keeps the target network
-updated and checkpointed. The validation loss it logs is the student's DDPM loss on held-out windows.
+updated and checkpointed. `distill.init_student` starts the student from an earlier student's weights
+instead of the teacher's (fine-tuning with another objective; resuming a run needs no such option).
+The validation loss it logs is the student's DDPM loss on held-out windows.
 """
 
 from __future__ import annotations
@@ -377,6 +379,10 @@ class DistillTrainer(Trainer):
             student.load_state_dict(teacher.state_dict())
         except RuntimeError as e:
             raise TeacherError(f"the student does not match the teacher's networks: {e}") from None
+        self.teacher = teacher
+        if self.cfg.distill.init_student:
+            self._load_init_student(student)
+            return student
         kind = teacher.cfg.scheduler.prediction_type
         if kind != "v_prediction":  # the student reads the same weights as v: see the module docstring
             log.info(
@@ -384,8 +390,40 @@ class DistillTrainer(Trainer):
                 " (a teacher trained with policy.scheduler.prediction_type=v_prediction starts it exactly)",
                 kind,
             )
-        self.teacher = teacher
         return student
+
+    def _load_init_student(self, student: ConsistencyPolicy) -> None:
+        """Overwrite the teacher-initialized `student` with the weights of distill.init_student.
+
+        Only a fresh run reads it: a resumed run restores its own weights over these. The normalizer
+        must be the teacher's, since the loss normalizes data with the student's and feeds the teacher.
+        """
+        path = self.cfg.distill.init_student
+        try:
+            init, init_cfg = load_policy(path, device=self.device)
+        except CheckpointError as e:
+            raise TeacherError(f"cannot load distill.init_student: {e}") from None
+        if not isinstance(init, ConsistencyPolicy):
+            raise TeacherError(
+                f"distill.init_student={path} holds a {type(init).__name__}, not a consistency-distilled "
+                "student; leave it empty to start from the teacher"
+            )
+        source = init_cfg.distill.teacher or "unknown"
+        state = init.state_dict()
+        teacher_state = self.teacher.state_dict()
+        for key in (k for k in state if k.startswith("normalizer.")):
+            if key in teacher_state and not torch.equal(state[key], teacher_state[key]):
+                raise TeacherError(
+                    f"distill.init_student={path} was fitted with other normalizer statistics than the "
+                    f"teacher's ({key} differs); it was distilled from {source}"
+                )
+        try:
+            student.load_state_dict(state)
+        except RuntimeError as e:
+            raise TeacherError(
+                f"distill.init_student={path} does not match the teacher's networks: {e}"
+            ) from None
+        log.info("student initialized from %s (distilled from %s)", path, source)
 
     def _make_loss_module(self) -> ConsistencyDistillation:
         decay = self.cfg.distill.target_ema_decay
