@@ -404,9 +404,10 @@ def test_init_student_fine_tunes_a_distilled_student(tmp_path, teacher, student_
     tuned, tuned_cfg = load_policy(tmp_path / "ft" / "checkpoints" / "latest")
     assert tuned_cfg.distill.init_student == str(init)
     init_state, t_state = load_policy(init)[0].state_dict(), load_policy(teacher)[0].state_dict()
-    for key, value in tuned.state_dict().items():
+    tuned_state = tuned.state_dict()
+    for key, value in tuned_state.items():
         assert torch.allclose(value, init_state[key], atol=1e-6), key
-    assert any(not torch.allclose(tuned.state_dict()[k], t_state[k]) for k in t_state if k.startswith("net."))
+    assert any(not torch.allclose(tuned_state[k], t_state[k]) for k in t_state if k.startswith("net."))
 
     def fails(path, match):
         cfg = distill_config(teacher, [*DISTILL, *still, f"distill.init_student={path}"])
