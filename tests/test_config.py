@@ -27,6 +27,8 @@ def test_dotted_overrides_are_typed():
         ("train.batch_size", "must look like key.path=value"),
         ("eval.n_episodes=-1", "eval.n_episodes=-1 must be >= 0"),
         ("eval.n_envs=0", "eval.n_envs=0 >= 1"),
+        ("eval.noise_scale=-0.5", "eval.noise_scale=-0.5 must be >= 0"),
+        ("eval.noise_scale=nan", "eval.noise_scale=nan must be >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

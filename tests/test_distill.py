@@ -323,6 +323,11 @@ def test_student_round_trips_and_evaluates(student_run, teacher, tmp_path, capsy
         assert main(args) == 0
         report = json.loads((out / "report.json").read_text())
         assert report["sampler"] == "LCMScheduler" and report["num_inference_steps"] == int(steps)
+        assert report["noise_scale"] == 1.0
+    out = tmp_path / "eval_ns0"
+    assert main(["eval", "--checkpoint", str(path), "--out", str(out), "eval.noise_scale=0"]) == 0
+    assert json.loads((out / "report.json").read_text())["noise_scale"] == 0.0
+    assert "noise scale 0.0" in (out / "report.md").read_text()
     assert "success" in capsys.readouterr().out
 
 

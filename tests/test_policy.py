@@ -96,6 +96,22 @@ def test_sampling_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_noise_scale_scales_the_initial_noise():
+    """noise_scale multiplies x_T: with DDIM (no injected noise) at scale 0 every seed gives one chunk."""
+    policy = build("policy.scheduler.sampler=ddim", "policy.scheduler.num_inference_steps=4").eval()
+    obs = batch()["obs"]
+    starts = []
+    policy.net.register_forward_pre_hook(lambda m, args: starts.append(args[0].clone()))
+    policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    policy.noise_scale = 0.5
+    policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(starts[4], 0.5 * starts[0])  # the first call of each chunk sees x_T
+    policy.noise_scale = 0.0
+    a = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))["action"]
+    b = policy.predict_action(obs, generator=torch.Generator().manual_seed(4))["action"]
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cls", ["diffusion", "mse_bc"])
 def test_non_finite_actions_never_leave_the_policy(cls):
     policy = build(f"policy.type={cls}").eval()

@@ -216,6 +216,11 @@ class EvalConfig:
     sampler: str | None = None  # override policy.scheduler.sampler at evaluation
     num_inference_steps: int | None = None
     timestep_spacing: str | None = None  # override policy.scheduler.timestep_spacing at evaluation
+    # Scale of the initial noise x_T (DiffusionPolicy.noise_scale): 1 samples the learned distribution;
+    # below 1 is low-temperature sampling (nearer the chunk distribution's modes, less diverse), 0 makes a
+    # 1-step consistency policy deterministic. Noise injected later (DDPM steps, chain re-noising) is
+    # not scaled. On Push-T below 1 hurt and above 1 did not help (BENCHMARKS.md).
+    noise_scale: float = 1.0
     # Inference fast paths (DiffusionPolicy.set_fast_paths): bf16 autocast of the network calls, and
     # torch.compile's mode (reduce-overhead also captures CUDA graphs on GPU); null = eager.
     precision: str = "fp32"
@@ -333,6 +338,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"eval.n_episodes={cfg.eval.n_episodes} must be >= 0 and eval.n_envs={cfg.eval.n_envs} >= 1"
         )
+    if not cfg.eval.noise_scale >= 0.0:  # also rejects NaN
+        raise ConfigError(f"eval.noise_scale={cfg.eval.noise_scale!r} must be >= 0")
     if not 0.0 <= cfg.data.val_ratio < 1.0:
         raise ConfigError("data.val_ratio must be in [0, 1)")
 

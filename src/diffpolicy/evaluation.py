@@ -145,6 +145,8 @@ def evaluate(
         )
     if hasattr(policy, "set_fast_paths"):
         policy.set_fast_paths(cfg.precision, cfg.compile)
+    if hasattr(policy, "noise_scale"):
+        policy.noise_scale = cfg.noise_scale
     t0 = time.perf_counter()
     rollouts = run_rollouts(policy, task, cfg, n, cfg.seed)
     elapsed = time.perf_counter() - t0
@@ -168,6 +170,7 @@ def evaluate(
         "sampler": getattr(policy, "sampler", None) and type(policy.sampler).__name__,
         "num_inference_steps": getattr(policy, "num_inference_steps", None),
         "timestep_spacing": getattr(policy, "timestep_spacing", None),
+        "noise_scale": getattr(policy, "noise_scale", None),
         "precision": getattr(policy, "precision", "fp32"),
         "compile": getattr(policy, "compile_mode", None),
         "n_action_steps": controller_steps(policy, cfg),
@@ -200,6 +203,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- mean episode length: {report['mean_episode_length']:.1f}",
         f"- sampler: {report['sampler']} x {report['num_inference_steps']}"
         + (f" ({report['timestep_spacing']} spacing)" if report["timestep_spacing"] else "")
+        + (f", noise scale {report['noise_scale']}" if report.get("noise_scale", 1.0) != 1.0 else "")
         + f", actions per chunk: "
         f"{report['n_action_steps']}, temporal ensembling: {report['temporal_ensemble']}"
         + (f" (decay {report['ensemble_decay']})" if report.get("ensemble_decay") is not None else ""),

@@ -226,6 +226,7 @@ class DiffusionPolicy(BasePolicy):
         self.noise_scheduler = make_scheduler(cfg.scheduler, "ddpm")
         self.set_sampler(cfg.scheduler.sampler, cfg.scheduler.num_inference_steps)
         self.precision, self.compile_mode, self._inference_net = "fp32", None, None  # eager fp32
+        self.noise_scale = 1.0  # initial noise x_T's scale (eval.noise_scale); 1 = the learned distribution
 
     def set_sampler(
         self, sampler: str, num_inference_steps: int, timestep_spacing: str | None = None
@@ -389,7 +390,7 @@ class DiffusionPolicy(BasePolicy):
         dim = self.action_dim + (0 if self.cfg.obs_as_global_cond else features.shape[-1])
         zeros = torch.zeros(B, self.horizon, self.action_dim, device=features.device, dtype=features.dtype)
         cond_traj, cond, cond_mask = self._trajectory(zeros, features)
-        sample = torch.randn(
+        sample = self.noise_scale * torch.randn(
             B, self.horizon, dim, device=features.device, dtype=features.dtype, generator=generator
         )
         self.set_sampling_timesteps(features.device)
