@@ -8,7 +8,9 @@ teacher's dataset, each policy samples one chunk from the same initial noise (ev
 from a generator seeded alike). Prints mean squared differences in normalized action units ([-1, 1]):
 each student against the teacher's DDIM-N with leading and trailing spacing (the student's grid is the
 trailing one), against the demonstrated chunk, and, as scales, the teacher's two spacings against each
-other and two teacher samples from different noise. Closed-loop success is what counts (diffpolicy eval);
+other and two teacher samples from different noise; each student's two samples from different noise
+measure its spread (diversity) against the teacher's, and the roughness column (mean squared second
+difference along the chunk) its jitter. Closed-loop success is what counts (diffpolicy eval);
 this says whether a student's shortfall is distance from the teacher's map or the map itself.
 """
 
@@ -51,21 +53,32 @@ def main() -> None:
     def mse(a: torch.Tensor, b: torch.Tensor) -> str:
         return f"{((a - b) ** 2).mean().item():.5f}"
 
+    def rough(a: torch.Tensor) -> str:  # mean squared second difference along the chunk: jitter
+        return f"{((a[:, 2:] - 2 * a[:, 1:-1] + a[:, :-2]) ** 2).mean().item():.5f}"
+
     leading = chunk(teacher, "ddim", args.steps, 1, "leading")
     trailing = chunk(teacher, "ddim", args.steps, 1, "trailing")
     other = chunk(teacher, "ddim", args.steps, 2, "leading")
     data = norm.normalize("action", batch["action"])
+    ddpm = [chunk(teacher, "ddpm", 100, seed) for seed in (1, 2)]  # the stochastic sampler's own spread
     print(f"{len(pick)} windows, normalized action units, mean squared difference")
     print(
         f"teacher DDIM-{args.steps}: leading vs trailing {mse(leading, trailing)}, leading vs another noise "
-        f"{mse(leading, other)}, leading vs data {mse(leading, data)}"
+        f"{mse(leading, other)}, leading vs data {mse(leading, data)}; DDPM-100 vs another noise "
+        f"{mse(*ddpm)}; roughness: DDIM-{args.steps} {rough(leading)}, DDPM-100 {rough(ddpm[0])}, "
+        f"data {rough(data)}"
     )
-    print("| student | vs leading | vs trailing | vs data |\n|---|---|---|---|")
+    print(
+        "| student | vs leading | vs trailing | vs data | vs another noise (spread) | roughness |\n"
+        "|---|---|---|---|---|---|"
+    )
     for path in args.students:
         student, _ = load_policy(path)
         student.eval()
         one = chunk(student, "consistency", 1, 1)
-        print(f"| {path} | {mse(one, leading)} | {mse(one, trailing)} | {mse(one, data)} |")
+        spread = mse(one, chunk(student, "consistency", 1, 2))
+        cells = [mse(one, leading), mse(one, trailing), mse(one, data), spread, rough(one)]
+        print(f"| {path} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
