@@ -3,11 +3,11 @@
     python bench/consistency.py --teacher runs/demo/diffusion/checkpoints/latest \\
         --student runs/t2d_consistency/checkpoints/latest --episodes 50 --out bench_consistency.json
 
-Settings: teacher DDPM-100, DDIM-10 and DDIM-1; student consistency 1-step and 3-step. For each: closed-loop
+Settings: teacher DDPM-100, DDIM-10 and DDIM-1; student consistency 1-, 2- and 3-step. For each: closed-loop
 success rate, mean max reward and the task's metrics (evaluator, the teacher's eval config, seeds
 eval.seed ..), and the median latency of one fresh chunk at batch 1 (`diffpolicy.bench.median_ms`, same
-synthetic observation window for all, timed after the evaluations in interleaved rounds). Prints a
-markdown table; writes JSON with everything.
+synthetic observation window for all, timed after the evaluations in interleaved rounds). `--episodes 0`
+times only. Prints a markdown table; writes JSON with everything.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SETTINGS = (
     ("teacher", "ddim", 10),
     ("teacher", "ddim", 1),
     ("student", "consistency", 1),
+    ("student", "consistency", 2),
     ("student", "consistency", 3),
 )
 
@@ -61,6 +62,9 @@ def run(
     obs1 = synthetic_obs(teacher.shape_meta, 1, teacher.n_obs_steps, device)
     rows = []
     for who, sampler, steps in SETTINGS:
+        if episodes == 0:  # latency only
+            rows.append({"setting": f"{who} {sampler}-{steps}"})
+            continue
         policy = teacher if who == "teacher" else student
         eval_cfg = dataclasses.replace(
             cfg.eval, sampler=sampler, num_inference_steps=steps, n_episodes=episodes or cfg.eval.n_episodes
@@ -102,24 +106,31 @@ def run(
 
 
 def markdown(result: dict[str, Any]) -> str:
-    metric_keys = sorted({k for r in result["rows"] for k in r["task_metrics"]})
+    metric_keys = sorted({k for r in result["rows"] for k in r.get("task_metrics", {})})
     header = ["setting", "success (95% CI)", "mean max reward", "ms / chunk (batch 1)", *metric_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    evaluated = "success_rate" in result["rows"][0]
     for r in result["rows"]:
-        lo, hi = r["success_ci95"]
+        if evaluated:
+            lo, hi = r["success_ci95"]
+            outcome = [f"{r['success_rate']:.2f} ({lo:.2f}-{hi:.2f})", f"{r['mean_max_reward']:.3f}"]
+        else:
+            outcome = ["-", "-"]
         cells = [
             r["setting"],
-            f"{r['success_rate']:.2f} ({lo:.2f}-{hi:.2f})",
-            f"{r['mean_max_reward']:.3f}",
+            *outcome,
             f"{r['chunk_ms']:.2f}",
             *(f"{r['task_metrics'].get(k, float('nan')):.3g}" for k in metric_keys),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    seeds = result["rows"][0]["seeds"]
-    lines.append(
-        f"\n{result['rows'][0]['n_episodes']} episodes per setting, seeds {seeds[0]}..{seeds[-1]}; "
-        f"{result['machine']}"
-    )
+    if evaluated:
+        seeds = result["rows"][0]["seeds"]
+        lines.append(
+            f"\n{result['rows'][0]['n_episodes']} episodes per setting, seeds {seeds[0]}..{seeds[-1]}; "
+            f"{result['machine']}"
+        )
+    else:
+        lines.append(f"\nlatency only (--episodes 0); {result['machine']}")
     return "\n".join(lines)
 
 
@@ -127,7 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="the diffusion teacher's checkpoint folder")
     parser.add_argument("--student", required=True, help="the consistency student's checkpoint folder")
-    parser.add_argument("--episodes", type=int, help="episodes per setting (default: the teacher's eval)")
+    parser.add_argument(
+        "--episodes", type=int, help="episodes per setting (default: the teacher's eval; 0: latency only)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20, help="timed chunks per setting and round")
