@@ -37,18 +37,16 @@ from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.distill import DistillTrainer, distill_config, load_teacher
 from diffpolicy.evaluation import run_rollouts
 from diffpolicy.tasks import make_task
+from diffpolicy.tasks.base import Task
 from diffpolicy.training.trainer import make_dataset
 
 
 def student_windows(
-    teacher_path: str, student_path: str, episodes: int, seed: int
+    student: torch.nn.Module, task: Task, episodes: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """Observation windows a 1-step student acts on in its own closed-loop rollouts."""
-    _, cfg = load_teacher(teacher_path)
-    student, _ = load_policy(student_path)
     student.eval()
     student.set_sampler("consistency", 1)
-    task = make_task(cfg.task.name, **cfg.task.kwargs)
     recorded: list[dict[str, torch.Tensor]] = []
     predict = student.predict_action
 
@@ -58,15 +56,19 @@ def student_windows(
 
     student.predict_action = recording
     t0 = time.perf_counter()
-    rollouts = run_rollouts(student, task, EvalConfig(n_envs=10), episodes, seed)
+    try:
+        rollouts = run_rollouts(student, task, EvalConfig(n_envs=10), episodes, seed)
+    finally:
+        del student.predict_action  # the class's method again
     success = sum(r.success for r in rollouts) / len(rollouts)
     print(f"{episodes} rollouts in {time.perf_counter() - t0:.0f} s, success {success:.3f}", flush=True)
     return {k: torch.cat([r[k] for r in recorded]) for k in recorded[0]}
 
 
 def collect(args: argparse.Namespace) -> None:
-    teacher, _ = load_teacher(args.teacher)
-    obs = student_windows(args.teacher, args.student, args.episodes, args.seed)
+    teacher, cfg = load_teacher(args.teacher)
+    task = make_task(cfg.task.name, **cfg.task.kwargs)
+    obs = student_windows(load_policy(args.student)[0], task, args.episodes, args.seed)
     n = next(iter(obs.values())).shape[0]
     generator = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -118,13 +120,12 @@ def distill(args: argparse.Namespace) -> None:
 def fit(args: argparse.Namespace) -> None:
     teacher, cfg = load_teacher(args.teacher)
     student, _ = load_policy(args.student)
-    student.eval()
-    rollout_obs = student_windows(args.teacher, args.student, args.episodes, args.seed)
+    task = make_task(cfg.task.name, **cfg.task.kwargs)
+    rollout_obs = student_windows(student, task, args.episodes, args.seed)
     n = next(iter(rollout_obs.values())).shape[0]
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: args.windows]
     rollout_obs = {k: v[pick] for k, v in rollout_obs.items()}
-    shape_meta = make_task(cfg.task.name, **cfg.task.kwargs).shape_meta()
-    windows = make_dataset(cfg, EpisodeStore.open(cfg.data.path), shape_meta)
+    windows = make_dataset(cfg, EpisodeStore.open(cfg.data.path), task.shape_meta())
     pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[: args.windows]
     train_obs = default_collate([windows[i] for i in pick.tolist()])["obs"]
     norm = teacher.normalizer
