@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from diffpolicy.checkpoint import load_policy, save_checkpoint
 
 
@@ -38,9 +36,10 @@ def main() -> None:
         state = policy.state_dict()
         if state.keys() != base.keys() or any(state[k].shape != base[k].shape for k in base):
             raise SystemExit(f"{path} has other parameters than {args.checkpoints[0]}")
+        differs = policy.normalizer.first_difference(first.normalizer)
+        if differs:
+            raise SystemExit(f"{path} has other normalizer statistics (normalizer.{differs})")
         for k, v in state.items():
-            if k.startswith("normalizer.") and not torch.equal(v, base[k]):
-                raise SystemExit(f"{path} has other normalizer statistics ({k})")
             total[k] += v.double()
     n = len(args.checkpoints)
     first.load_state_dict({k: (v / n).to(base[k].dtype) for k, v in total.items()})

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import torch
-
 from diffpolicy.checkpoint import load_policy
-from diffpolicy.distill import DistillTrainer, TeacherError, distill_config, load_teacher
+from diffpolicy.distill import DistillTrainer, TeacherError, distill_config
 from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
 from diffpolicy.training.trainer import log
 
@@ -35,15 +33,12 @@ class WideStudentTrainer(DistillTrainer):
         super().__init__(*args, **kwargs)
 
     def _make_policy(self) -> ConsistencyPolicy:
-        self.teacher, _ = load_teacher(self.cfg.distill.teacher, device=self.device)
-        if self.teacher.shape_meta != self.shape_meta:
-            raise TeacherError(f"teacher shapes {self.teacher.shape_meta}, task shapes {self.shape_meta}")
+        teacher = self._load_teacher()
+        differs = self.init.normalizer.first_difference(teacher.normalizer)
+        if differs:
+            raise TeacherError(f"--init normalizes otherwise than the teacher (normalizer.{differs})")
         student = ConsistencyPolicy(self.cfg.policy, self.shape_meta)
-        state = self.init.state_dict()
-        for key, value in self.teacher.state_dict().items():
-            if key.startswith("normalizer.") and not torch.equal(state[key], value):
-                raise TeacherError(f"--init has other normalizer statistics than the teacher ({key})")
-        student.load_state_dict(state)
+        student.load_state_dict(self.init.state_dict())
         n = sum(p.numel() for p in student.parameters()) / 1e6
         log.info("wide student: %.2fM parameters, initialized from --init", n)
         return student

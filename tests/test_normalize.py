@@ -144,6 +144,17 @@ def test_state_dict_into_fresh_unfitted_normalizer(fitted: Normalizer, tmp_path:
     torch.testing.assert_close(from_file.normalize("image", img), fitted.normalize("image", img))
 
 
+def test_first_difference(fitted: Normalizer, data):
+    twin = Normalizer(fitted.spec)
+    assert twin.first_difference(fitted) == "fitted"  # an unfitted twin differs in its flag first
+    twin.load_state_dict(fitted.state_dict())
+    assert twin.first_difference(fitted) is None
+    twin.params["state"].input_mean.add_(1.0)  # statistics of other data
+    assert twin.first_difference(fitted) == "params.state.input_mean"
+    fewer = Normalizer.fit({"action": data["action"]}, {"action": "minmax"})
+    assert fewer.first_difference(fitted) is not None  # keys only one of them has
+
+
 def test_loads_as_submodule_of_a_policy(fitted: Normalizer):
     class Policy(nn.Module):
         def __init__(self, normalizer: Normalizer):

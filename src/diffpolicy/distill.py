@@ -368,19 +368,24 @@ class DistillTrainer(Trainer):
     exported weights, checkpoints, exact resume, logs, evaluation) is the Trainer's.
     """
 
-    def _make_policy(self) -> ConsistencyPolicy:
+    def _load_teacher(self) -> DiffusionPolicy:
+        """distill.teacher, checked against this run's task; also kept as self.teacher."""
         teacher, _ = load_teacher(self.cfg.distill.teacher, device=self.device)
         if teacher.shape_meta != self.shape_meta:
             raise TeacherError(
                 f"the teacher was trained on observations/actions {teacher.shape_meta}, but task "
                 f"'{self.cfg.task.name}' now has {self.shape_meta}"
             )
+        self.teacher = teacher
+        return teacher
+
+    def _make_policy(self) -> ConsistencyPolicy:
+        teacher = self._load_teacher()
         student = ConsistencyPolicy(self.cfg.policy, self.shape_meta)
         try:  # the teacher's networks and fitted normalizer
             student.load_state_dict(teacher.state_dict())
         except RuntimeError as e:
             raise TeacherError(f"the student does not match the teacher's networks: {e}") from None
-        self.teacher = teacher
         if self.cfg.distill.init_student:
             self._load_init_student(student)
             return student
@@ -410,16 +415,14 @@ class DistillTrainer(Trainer):
                 "student; leave it empty to start from the teacher"
             )
         source = init_cfg.distill.teacher or "unknown"
-        state = init.state_dict()
-        teacher_state = self.teacher.state_dict()
-        for key in (k for k in state if k.startswith("normalizer.")):
-            if key in teacher_state and not torch.equal(state[key], teacher_state[key]):
-                raise TeacherError(
-                    f"distill.init_student={path} was fitted with other normalizer statistics than the "
-                    f"teacher's ({key} differs); it was distilled from {source}"
-                )
+        differs = init.normalizer.first_difference(self.teacher.normalizer)
+        if differs:
+            raise TeacherError(
+                f"distill.init_student={path} was fitted with other normalizer statistics than the "
+                f"teacher's (normalizer.{differs} differs); it was distilled from {source}"
+            )
         try:
-            student.load_state_dict(state)
+            student.load_state_dict(init.state_dict())
         except RuntimeError as e:
             raise TeacherError(
                 f"distill.init_student={path} does not match the teacher's networks: {e}"

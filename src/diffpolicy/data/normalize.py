@@ -185,6 +185,18 @@ class Normalizer(nn.Module):
     def mode(self, key: str) -> str:
         return self._entry(key)[0]
 
+    def first_difference(self, other: Normalizer) -> str | None:
+        """The first state entry (e.g. ``params.action.scale``) whose value differs from `other`'s, or None.
+
+        Two policies (teacher and student, weights to be averaged) can only be combined when they normalize
+        alike; an entry only one of them has counts as a difference.
+        """
+        mine, theirs = self.state_dict(), other.state_dict()
+        for name in sorted(mine.keys() | theirs.keys()):
+            if name not in mine or name not in theirs or not torch.equal(mine[name], theirs[name]):
+                return name
+        return None
+
     def stats(self, key: str) -> dict[str, Tensor]:
         """Input statistics (min, max, mean, std) the key was fitted on, plus its scale and offset."""
         self._entry(key)
