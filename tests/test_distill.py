@@ -1,5 +1,6 @@
 """Consistency distillation: the objective's pieces, a tiny teacher -> student run, sampling, errors."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -426,3 +427,126 @@ def test_init_student_fine_tunes_a_distilled_student(tmp_path, teacher, student_
     other.state_dict()[key].mul_(2.0)  # the buffers are the state: statistics from other data
     save_checkpoint(tmp_path / "other", other, other_cfg)
     fails(tmp_path / "other", f"other normalizer statistics than the teacher's \\({key} differs\\)")
+
+
+# ----- consistency trajectory distillation (distill.objective=ctm) -------------------------------------
+CTM = (*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction", "policy.consistency.ctm=true")
+
+
+def test_ctm_student_starts_as_the_teachers_ddim_jump():
+    """A CTM student built from a v teacher's weights jumps from t to any s exactly as the teacher's
+    (unclipped) DDIM step would: the stop-time encoder starts at zero. G(x, t, t) = x."""
+    teacher, _ = build("policy.scheduler.prediction_type=v_prediction")
+    student, _ = build(*CTM, "policy.consistency.original_inference_steps=10")
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("net.stop_step_encoder.") for k in missing)
+    cond = teacher.global_cond(teacher.encode_obs(obs_batch()))
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([99, 59, 9])
+    x0 = teacher.predict_x0(teacher.call_net(x, t, cond), x, t)
+    for s in ([89, 19, -1], [-1, -1, -1], [99, 59, 9]):
+        s = torch.tensor(s)
+        G, g = student.jump(x, t, s, cond)
+        assert torch.allclose(g, x0, atol=1e-5)
+        assert torch.allclose(G, teacher.ddim_jump(x, x0, t, s), atol=1e-5)
+    assert torch.allclose(student.jump(x, t, t, cond)[0], x, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a CTM student"):
+        teacher_like, _ = build(*CONSISTENCY, "policy.scheduler.prediction_type=v_prediction")
+        teacher_like.jump(x, t, t, cond)
+
+
+def test_ctm_network_needs_its_stop_time_and_no_other_takes_one():
+    student, _ = build(*CTM)
+    plain, _ = build(*CONSISTENCY)
+    x, cond = torch.zeros(3, 16, 2), student.global_cond(student.encode_obs(obs_batch()))
+    with pytest.raises(ValueError, match="stop_timestep is required"):
+        student.net(x, 9, global_cond=cond)
+    with pytest.raises(ValueError, match="stop_timestep is required"):
+        plain.net(x, 9, global_cond=cond, stop_timestep=-1)
+    with pytest.raises(ConfigError, match="needs policy.net=unet"):
+        tiny_config(*CTM, "policy.net=transformer")
+
+
+@pytest.mark.parametrize("span", ["one", "uniform", "full"])
+def test_ctm_draws_stop_points_below_t_and_solves_no_further(span):
+    teacher, student, *_ = v_teacher_student_batch()
+    loss = ConsistencyDistillation(
+        student, teacher, student, DistillConfig(objective="ctm", solver_span=span)
+    )
+    draws = loss.sample_training_noise(4096, torch.Generator().manual_seed(0), torch.device("cpu"))
+    index, stop, steps = draws["grid_index"], draws["stop_index"], draws["solver_steps"]
+    assert (stop >= 0).all() and (stop <= index).all()
+    assert (steps >= 1).all() and (steps <= index + 1 - stop).all()
+    top = index == loss.grid_size - 1
+    assert set(stop[top].tolist()) == set(range(loss.grid_size))  # every lower grid point and the clean end
+    assert (stop == 0).float().mean() > 0.2  # the clean end, where 1-step sampling stops
+    if span == "full":
+        assert torch.equal(steps, index + 1 - stop)
+
+
+def test_ctm_loss_is_zero_where_the_start_already_agrees_with_the_teacher():
+    """From a v teacher (unclipped), the student's one-grid-step jump t -> s is the teacher's DDIM step, so
+    the CTM loss is 0 where s is one grid step below t, and not where the teacher's two steps meet the
+    student's one jump; the denoising term is the teacher's own x0 error."""
+    clip = "policy.scheduler.clip_sample=false"
+    teacher, _ = build("policy.scheduler.prediction_type=v_prediction", clip)
+    student, _ = build(*CTM, clip, "policy.consistency.original_inference_steps=10")
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    target = copy.deepcopy(student)
+    batch = {"obs": obs_batch(), "action": torch.rand(3, 16, 2, generator=torch.Generator().manual_seed(6))}
+    noise = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(7))
+    loss = ConsistencyDistillation(student, teacher, target, DistillConfig(objective="ctm", loss="mse"))
+    index, one = torch.tensor([9, 5, 0]), torch.ones(3, dtype=torch.long)
+    loss(batch, noise, index, one, stop_index=index)  # s one grid step below t; the last: t = 9 -> clean
+    assert loss.terms["train/consistency_loss"] < 1e-10
+    loss(batch, noise, index, one, stop_index=torch.tensor([0, 3, 0]))
+    assert loss.terms["train/consistency_loss"] > 1e-6
+    with pytest.raises(ValueError, match="stop index exceeds its grid index"):
+        loss(batch, noise, index, one, stop_index=torch.tensor([9, 6, 0]))
+
+
+@pytest.fixture(scope="module")
+def ctm_run(tmp_path_factory, teacher) -> Path:
+    run = tmp_path_factory.mktemp("ctm") / "run"
+    assert (
+        main(["distill", "--teacher", str(teacher), "--run-dir", str(run), *DISTILL, "distill.objective=ctm"])
+        == 0
+    )
+    return run
+
+
+def test_ctm_distillation_lowers_its_loss_and_samples(ctm_run, tmp_path):
+    rows = [json.loads(line) for line in (ctm_run / "metrics.jsonl").read_text().splitlines()]
+    consistency = [r["train/consistency_loss"] for r in rows if "train/loss" in r]
+    assert len(consistency) == 40
+    # The target network chases the student, so the CTM loss first rises (as in the CM run's first
+    # steps on Push-T) and falls later than the CM loss: 0.81 at 40 steps here, 0.73 at 80. A student that
+    # does not learn stays at or above 1.
+    assert sum(consistency[-8:]) < 0.9 * sum(consistency[:8]), consistency
+    path = ctm_run / "checkpoints" / "latest"
+    student, cfg = load_policy(path)
+    assert isinstance(student, ConsistencyPolicy) and student.is_ctm and cfg.distill.objective == "ctm"
+    assert any(k.startswith("net.stop_step_encoder.") for k in student.state_dict())
+    calls = []
+    student.net.register_forward_hook(lambda *a: calls.append(1))
+    lo = student.normalizer.params["action"].input_min
+    hi = student.normalizer.params["action"].input_max
+    for steps in (1, 3):
+        calls.clear()
+        student.set_sampler("consistency", steps)
+        a = student.predict_action(obs_batch(), generator=torch.Generator().manual_seed(5))["action_pred"]
+        assert len(calls) == steps and a.shape == (3, 16, 2) and torch.isfinite(a).all()
+        assert (a >= lo - 1e-4).all() and (a <= hi + 1e-4).all()
+    out = tmp_path / "eval3"
+    assert main(["eval", "--checkpoint", str(path), "--out", str(out), "eval.num_inference_steps=3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sampler"] == "CTM jumps" and report["num_inference_steps"] == 3
+
+
+def test_ctm_is_chosen_by_the_objective_only(teacher):
+    with pytest.raises(ConfigError, match="set by 'distill.objective'"):
+        distill_config(teacher, ["policy.consistency.ctm=true"])
+    assert distill_config(teacher, ["distill.objective=ctm"]).policy.consistency.ctm
+    assert not distill_config(teacher, []).policy.consistency.ctm
+    with pytest.raises(ConfigError, match="use top_target=ode"):
+        distill_config(teacher, ["distill.objective=ctm", "distill.top_target=ddim"])

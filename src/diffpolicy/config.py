@@ -101,6 +101,9 @@ class ConsistencyConfig:
     original_inference_steps: int = 10  # k = 10 on T = 100: the teacher's DDIM-10 step (0.98 success)
     # l in LCM's boundary-condition scalings c_skip(t) = 0.25 / ((l t)^2 + 0.25), c_out = l t / sqrt(...)
     timestep_scaling: float = 10.0
+    # A consistency trajectory model (CTM) student: the network also takes the stop time s and jumps from
+    # x_t to x_s, not only to the clean end (set by distill.objective=ctm; LCM's scalings above do not apply).
+    ctm: bool = False
 
 
 @dataclass
@@ -180,6 +183,10 @@ class DistillConfig:
     num_steps: int = 1500
     lr: float = 3.0e-4
     warmup_steps: int = 100
+    # cm: consistency distillation, one time input, every jump to the clean end (LCM) | ctm: consistency
+    # trajectory distillation, a two-time student G(x_t, t, s) trained on jumps to any lower grid point s,
+    # compared at the clean end through the target network (CTM, Consistency Policy). See distill.py.
+    objective: str = "cm"
     loss: str = "huber"  # consistency loss: huber (pseudo-Huber, as LCM) | mse
     huber_c: float = 1.0e-3
     denoise_weight: float = 0.1  # weight of the auxiliary denoising loss (student x0 vs the clean chunk)
@@ -254,6 +261,7 @@ _CHOICES = {
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),
     "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
     "policy.scheduler.timestep_spacing": TIMESTEP_SPACINGS,
+    "distill.objective": ("cm", "ctm"),
     "distill.loss": ("huber", "mse"),
     "distill.solver_span": ("one", "uniform", "full"),
     "distill.top_target": ("ode", "ddim"),
@@ -307,7 +315,13 @@ def validate(cfg: RunConfig) -> None:
             f"policy.scheduler.num_inference_steps={p.scheduler.num_inference_steps} exceeds the consistency "
             f"grid policy.consistency.original_inference_steps={grid}"
         )
+    if p.consistency.ctm and p.net != "unet":
+        raise ConfigError("policy.consistency.ctm (distill.objective=ctm) needs policy.net=unet")
     d = cfg.distill
+    if d.objective == "ctm" and d.top_target != "ode":
+        raise ConfigError(
+            "distill.objective=ctm trains the top of the grid like every other point: use top_target=ode"
+        )
     for key, ok, rule in (
         ("num_steps", d.num_steps >= 1, ">= 1"),
         ("lr", d.lr > 0, "> 0"),

@@ -70,10 +70,28 @@ first-order solver of a discrete-time DDPM's ODE), and trains the student to giv
 output at both points as an EMA target network does, with c_skip / c_out that enforce f(x, ~0) = x.
 CTM's denoising score matching term is the auxiliary loss on the student's clean-chunk estimate.
 One difference matters: CTM's network is conditioned on both the start and end time, so its DSM term
-trains an "infinitesimal jump" output that does not compete with the jump to t = 0. Our student has
-one time input; its x0 estimate is the jump to t = 0, and the denoising target E[x0 | x_t] averages
-over modes at high noise. A small weight w (default 0.1) keeps the term a regularizer rather than a
-pull towards the mode average.
+trains an "infinitesimal jump" output that does not compete with the jump to t = 0. Our default student
+(distill.objective=cm) has one time input; its x0 estimate is the jump to t = 0, and the denoising
+target E[x0 | x_t] averages over modes at high noise. A small weight w (default 0.1) keeps the term a
+regularizer rather than a pull towards the mode average.
+
+distill.objective=ctm is the two-time version, as Consistency Policy trains it (their code, not only the
+CTM paper), in our discrete VP form:
+
+* the student's network gets the stop time s as a second input (ConditionalUnet1D(stop_time_embed=True),
+  policy.consistency.ctm; its encoder starts at zero, so the student starts as the teacher for every s)
+  and jumps G(x_t, t, s) = DDIM move from t to s with its own clean estimate g(x_t, t, s) (v reading);
+  G(x_t, t, t) = x_t, G(x_t, t, -1) = g. No LCM c_skip / c_out: the boundary is in the DDIM move;
+* per sample: t = t_i (i uniform in 1..N as above), s = t_j with j uniform in 0..i-1 (j = 0: the clean
+  end), and the teacher solves from t down to u = t - m k >= s (distill.solver_span as above, counted to
+  s instead of to the clean end; `one`: one grid step, Consistency Policy's ode_steps_max = 1);
+* target at s: G'(x_u, u, s) with G' the target network (x_u itself where u = s). Both it and the
+  student's G(x_t, t, s) are carried to the clean end by the target network's g'(., s, -1) and compared
+  there with d (CTM's comparison in data space); where s is the clean end they are compared directly;
+* denoising term: w ||g(x_t, t, -1) - x0||^2 on the samples whose stop is the clean end (Consistency
+  Policy's DSM is this jump to the clean end too; computing it on those samples costs no extra call).
+One step samples g(x_T, T - 1, -1); chains re-noise as the CM student does. A training step costs about
+1.5 times a CM step (the target network's two extra calls, one with gradients to its input).
 
 Training reuses the Trainer (data, optimizer, LR schedule, EMA of the weights for the exported
 student, checkpoints, resume, logs, final closed-loop evaluation): `DistillTrainer` only builds a
@@ -149,6 +167,8 @@ def distill_config(teacher: str | Path, overrides: list[str] | None = None) -> R
             raise ConfigError(f"'{key}' is set by '{_OWNED[key]}' in a distillation run; override that")
         if key == "distill.teacher":
             raise ConfigError("the teacher is given by --teacher, not distill.teacher")
+        if key == "policy.consistency.ctm":
+            raise ConfigError("'policy.consistency.ctm' is set by 'distill.objective' in a distillation run")
         if key.startswith("policy.") and not key.startswith(
             ("policy.consistency.", "policy.scheduler.num_inference_steps")
         ):
@@ -171,6 +191,7 @@ def distill_config(teacher: str | Path, overrides: list[str] | None = None) -> R
     cfg.run_dir = ""  # the teacher's run folder is not this run's (--run-dir or a fresh default)
     cfg.train.num_steps, cfg.train.lr = cfg.distill.num_steps, cfg.distill.lr
     cfg.train.warmup_steps = cfg.distill.warmup_steps
+    cfg.policy.consistency.ctm = cfg.distill.objective == "ctm"  # a two-time student network
     if not cfg.data.path:  # the teacher trained on <its run folder>/demos.zarr
         demos = Path(teacher).resolve().parent.parent / "demos.zarr"
         if not demos.exists():
@@ -194,18 +215,12 @@ def ddim_step(
     """
     out = teacher.call_net(sample, t, cond)
     x0 = teacher.predict_x0(out, sample, t)
-    alphas = teacher.noise_scheduler.alphas_cumprod.to(sample.device, sample.dtype)
-    shape = (-1, *([1] * (sample.dim() - 1)))
-    a_t = alphas[t].view(shape)
-    a_s = torch.where(s >= 0, alphas[s.clamp(min=0)], torch.ones_like(alphas[0])).view(shape)
-    if teacher.cfg.scheduler.prediction_type == "epsilon":
-        eps = out
-    else:
-        eps = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    # diffusers clips x0 but keeps the noise estimate of the unclipped one
+    eps = out if teacher.cfg.scheduler.prediction_type == "epsilon" else teacher.implied_noise(sample, x0, t)
     sched = teacher.noise_scheduler.config
     if sched.clip_sample:
         x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
-    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    return teacher.ddim_jump(sample, x0, t, s, eps)
 
 
 def teacher_solve(
@@ -280,14 +295,32 @@ class ConsistencyDistillation(nn.Module):
         s = self.student
         noise = torch.randn((batch_size, s.horizon, s.trajectory_dim), generator=generator, device=device)
         index = torch.randint(0, self.grid_size, (batch_size,), generator=generator, device=device)
+        if self.cfg.objective == "ctm":
+            stop = self.stop_index(index, generator)
+            return {
+                "noise": noise,
+                "grid_index": index,
+                "stop_index": stop,
+                "solver_steps": self.solver_steps(index, generator, stop),
+            }
         steps = self.solver_steps(index, generator)
         return {"noise": noise, "grid_index": index, "solver_steps": steps}
 
+    @staticmethod
+    def stop_index(grid_index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """CTM's stop points: j uniform in 0..index for t = t_{index + 1}, s = t_j (j = 0: the clean end)."""
+        u = torch.rand(grid_index.shape, generator=generator, device=grid_index.device)
+        return (u * (grid_index + 1)).long().clamp(max=grid_index)
+
     def solver_steps(
-        self, grid_index: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        grid_index: torch.Tensor,
+        generator: torch.Generator | None = None,
+        stop_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """How many grid steps the teacher solves from t = t_{index + 1} (distill.solver_span)."""
-        most = grid_index + 1  # all the way to the clean end
+        """How many grid steps the teacher solves from t = t_{index + 1} (distill.solver_span), at most
+        down to the stop point t_{stop_index} (default: the clean end)."""
+        most = grid_index + 1 - (0 if stop_index is None else stop_index)
         if self.cfg.solver_span == "one":
             return torch.ones_like(grid_index)
         if self.cfg.solver_span == "full":
@@ -301,6 +334,7 @@ class ConsistencyDistillation(nn.Module):
         noise: torch.Tensor | None = None,
         grid_index: torch.Tensor | None = None,
         solver_steps: torch.Tensor | None = None,
+        stop_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Consistency loss + denoise_weight * auxiliary denoising loss (see the module docstring)."""
         student, obs = self.student, batch["obs"]
@@ -310,12 +344,26 @@ class ConsistencyDistillation(nn.Module):
         if grid_index is None:
             grid_index = torch.randint(0, self.grid_size, (B,), device=x0.device)
         grid_index = grid_index.to(x0.device)
-        steps = self.solver_steps(grid_index) if solver_steps is None else solver_steps.to(x0.device)
-        if noise.shape != x0.shape or grid_index.shape != (B,) or steps.shape != (B,):
+        ctm = self.cfg.objective == "ctm"
+        if ctm:
+            stop_index = self.stop_index(grid_index) if stop_index is None else stop_index.to(x0.device)
+        elif stop_index is not None:
+            raise ValueError("stop_index belongs to distill.objective=ctm")
+        if solver_steps is None:
+            solver_steps = self.solver_steps(grid_index, stop_index=stop_index)
+        steps = solver_steps.to(x0.device)
+        shapes = [noise.shape == x0.shape, grid_index.shape == (B,), steps.shape == (B,)]
+        if ctm:
+            shapes.append(stop_index.shape == (B,) and bool((stop_index <= grid_index).all()))
+        if not all(shapes):
+            stop = None if stop_index is None else tuple(stop_index.shape)
             raise ValueError(
                 f"noise {tuple(noise.shape)} / grid_index {tuple(grid_index.shape)} / solver_steps "
-                f"{tuple(steps.shape)} do not fit the action chunk {tuple(x0.shape)}"
+                f"{tuple(steps.shape)} / stop_index {stop} do not fit the action chunk {tuple(x0.shape)} "
+                "(or a stop index exceeds its grid index)"
             )
+        if ctm:
+            return self._ctm_loss(batch, x0, noise, grid_index, stop_index, steps)
         t, x_t, f_target = self.targets(obs, x0, noise, grid_index, steps)
         cond = student.global_cond(student.encode_obs(obs))
         f_student, x0_student = student.consistency_output(x_t, t, cond)
@@ -325,6 +373,54 @@ class ConsistencyDistillation(nn.Module):
         else:
             consistency = student.masked_mse(f_student, f_target, mask)
         denoise = student.masked_mse(x0_student, x0, mask)
+        self.terms = {"train/consistency_loss": consistency.detach(), "train/denoise_loss": denoise.detach()}
+        return consistency + self.cfg.denoise_weight * denoise
+
+    def _ctm_loss(
+        self,
+        batch: dict[str, Any],
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        grid_index: torch.Tensor,
+        stop_index: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> torch.Tensor:
+        """distill.objective=ctm: d(g'(G(x_t, t, s), s), g'(G'(x_u, u, s), s)) with G the student's jump,
+        G' / g' the target network's (jump / clean estimate), x_u the teacher's solve from x_t down to
+        u >= s; plus the denoising term on the rows whose stop is the clean end (module docstring)."""
+        student, target, obs = self.student, self.target, batch["obs"]
+        t = (grid_index + 1) * self.skip - 1
+        s = stop_index * self.skip - 1  # -1: the clean end
+        x_t = student.noise_scheduler.add_noise(x0, noise, t)
+        clean = s < 0
+        with torch.no_grad():
+            teacher_cond = self.teacher.global_cond(self.teacher.encode_obs(obs))
+            sub = self.cfg.solver_substeps
+            x_u, u = teacher_solve(self.teacher, x_t, t, steps * sub, self.skip // sub, teacher_cond)
+            target_cond = target.global_cond(target.encode_obs(obs))
+            at_stop = x_u.clone()  # where the teacher reached s itself, its result is the target there
+            rows = (u > s).nonzero().squeeze(1)
+            if len(rows):
+                at_stop[rows] = target.jump(x_u[rows], u[rows], s[rows], target_cond[rows])[0]
+        cond = student.global_cond(student.encode_obs(obs))
+        pred, x0_student = student.jump(x_t, t, s, cond)
+        goal = at_stop
+        mid = (~clean).nonzero().squeeze(1)
+        if len(mid):  # compare at the clean end: both through the target network's jump from s
+            to_clean = torch.full_like(mid, -1)
+            mapped = target.jump(pred[mid], s[mid], to_clean, target_cond[mid])[1]
+            pred = pred.index_put((mid,), mapped)
+            with torch.no_grad():
+                goal = goal.index_put((mid,), target.jump(goal[mid], s[mid], to_clean, target_cond[mid])[1])
+        mask = student.loss_mask(batch, x0, None)
+        if self.cfg.loss == "huber":
+            consistency = masked_pseudo_huber(pred, goal, mask, self.cfg.huber_c)
+        else:
+            consistency = student.masked_mse(pred, goal, mask)
+        if clean.any():  # the student's own clean estimate where it jumps to the clean end
+            denoise = student.masked_mse(x0_student[clean], x0[clean], mask[clean])
+        else:
+            denoise = consistency.new_zeros(())
         self.terms = {"train/consistency_loss": consistency.detach(), "train/denoise_loss": denoise.detach()}
         return consistency + self.cfg.denoise_weight * denoise
 
@@ -383,9 +479,15 @@ class DistillTrainer(Trainer):
         teacher = self._load_teacher()
         student = ConsistencyPolicy(self.cfg.policy, self.shape_meta)
         try:  # the teacher's networks and fitted normalizer
-            student.load_state_dict(teacher.state_dict())
+            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         except RuntimeError as e:
             raise TeacherError(f"the student does not match the teacher's networks: {e}") from None
+        # a CTM student's stop-time encoder is its only addition; it starts at zero (ConditionalUnet1D)
+        new = [k for k in missing if not (student.is_ctm and k.startswith("net.stop_step_encoder."))]
+        if new or unexpected:
+            raise TeacherError(
+                f"the student does not match the teacher's networks: missing {new}, unexpected {unexpected}"
+            )
         if self.cfg.distill.init_student:
             self._load_init_student(student)
             return student

@@ -167,7 +167,7 @@ def evaluate(
         "mean_max_reward": float(np.mean([r.max_reward for r in rollouts])) if rollouts else 0.0,
         "mean_episode_length": float(np.mean([r.length for r in rollouts])) if rollouts else 0.0,
         "wall_time_s": elapsed,
-        "sampler": getattr(policy, "sampler", None) and type(policy.sampler).__name__,
+        "sampler": getattr(policy, "sampler_name", None),
         "num_inference_steps": getattr(policy, "num_inference_steps", None),
         "timestep_spacing": getattr(policy, "timestep_spacing", None),
         "noise_scale": getattr(policy, "noise_scale", None),

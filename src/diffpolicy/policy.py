@@ -95,7 +95,10 @@ def build_noise_net(cfg: PolicyConfig, action_dim: int, obs_feature_dim: int) ->
             kernel_size=u.kernel_size,
             n_groups=u.n_groups,
             cond_predict_scale=u.cond_predict_scale,
+            stop_time_embed=cfg.type == "consistency" and cfg.consistency.ctm,
         )
+    if cfg.type == "consistency" and cfg.consistency.ctm:
+        raise ValueError("a CTM student (policy.consistency.ctm) needs policy.net=unet")
     from diffpolicy.models.transformer import TransformerForDiffusion
 
     t = cfg.transformer
@@ -162,10 +165,14 @@ class BasePolicy(nn.Module):
         t: torch.Tensor | int,
         cond: torch.Tensor | None,
         net: Any = None,
+        stop: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """The noise network (or `net`, a compiled form of it) on (sample, t, condition)."""
+        """The noise network (or `net`, a compiled form of it) on (sample, t, condition); `stop` is the
+        stop time of a CTM student's jump (policy.consistency.ctm), None for every other network."""
         net = net or self.net
         if self.cfg.net == "unet":
+            if stop is not None:
+                return net(sample, t, global_cond=cond, stop_timestep=stop)
             return net(sample, t, global_cond=cond)
         return net(sample, t, cond=cond)
 
@@ -249,6 +256,11 @@ class DiffusionPolicy(BasePolicy):
         self.num_inference_steps = num_inference_steps
 
     @property
+    def sampler_name(self) -> str:
+        """What samples the chunks, for reports: the diffusers scheduler's class name."""
+        return type(self.sampler).__name__
+
+    @property
     def timestep_spacing(self) -> str | None:
         """Where the current sampler's steps lie (None for a consistency policy: its distillation grid)."""
         return self.sampler.config.timestep_spacing
@@ -274,11 +286,17 @@ class DiffusionPolicy(BasePolicy):
             )
         self.precision, self.compile_mode = precision, compile_mode
 
-    def _denoise_call(self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def _denoise_call(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None,
+        stop: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
         """One network call of the sampling loop, through the fast paths chosen by `set_fast_paths`."""
         bf16 = self.precision == "bf16"
         with torch.autocast(sample.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = self.call_net(sample, t, cond, net=self._inference_net)
+            out = self.call_net(sample, t, cond, net=self._inference_net, stop=stop)
         return out.to(sample.dtype)
 
     def set_sampling_timesteps(self, device: torch.device) -> None:
@@ -316,6 +334,33 @@ class DiffusionPolicy(BasePolicy):
         if kind == "v_prediction":
             return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
         return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+
+    def ddim_jump(
+        self,
+        sample: torch.Tensor,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The deterministic DDIM move from x_t to x_s, per-sample timesteps (B,); s < 0 is the clean end
+        (abar = 1: returns x0).
+
+        x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps, eps by default the noise x0 implies,
+        (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (then s = t returns x_t): diffusers'
+        DDIMScheduler.step (eta = 0) for one scalar step, written out for per-sample steps.
+        """
+        alphas = self.noise_scheduler.alphas_cumprod.to(sample.device, sample.dtype)
+        a_s = torch.where(s >= 0, alphas[s.clamp(min=0)], torch.ones_like(alphas[0]))
+        a_s = a_s.view(-1, *([1] * (sample.dim() - 1)))
+        eps = self.implied_noise(sample, x0, t) if eps is None else eps
+        return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+
+    def implied_noise(self, sample: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise eps with x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per-sample timesteps t >= 0."""
+        a_t = self.noise_scheduler.alphas_cumprod.to(sample.device, sample.dtype)[t]
+        a_t = a_t.view(-1, *([1] * (sample.dim() - 1)))
+        return (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
 
     def loss_mask(
         self, batch: dict[str, Any], traj: torch.Tensor, cond_mask: torch.Tensor | None
@@ -380,6 +425,23 @@ class DiffusionPolicy(BasePolicy):
             target = noise if kind == "epsilon" else traj
         return self.masked_mse(pred, target, self.loss_mask(batch, traj, cond_mask))
 
+    def _sample_loop(
+        self,
+        sample: torch.Tensor,
+        cond: torch.Tensor | None,
+        cond_traj: torch.Tensor,
+        cond_mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """From the initial noise to a clean normalized trajectory with the sampler's timesteps."""
+        self.set_sampling_timesteps(sample.device)
+        for t in self.sampler.timesteps:
+            if cond_mask is not None:
+                sample = torch.where(cond_mask, cond_traj, sample)
+            out = self._denoise_call(sample, t, cond)
+            sample = self.sampler.step(out, t, sample, generator=generator).prev_sample
+        return sample
+
     @torch.inference_mode()
     def predict_action(
         self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
@@ -393,12 +455,7 @@ class DiffusionPolicy(BasePolicy):
         sample = self.noise_scale * torch.randn(
             B, self.horizon, dim, device=features.device, dtype=features.dtype, generator=generator
         )
-        self.set_sampling_timesteps(features.device)
-        for t in self.sampler.timesteps:
-            if cond_mask is not None:
-                sample = torch.where(cond_mask, cond_traj, sample)
-            out = self._denoise_call(sample, t, cond)
-            sample = self.sampler.step(out, t, sample, generator=generator).prev_sample
+        sample = self._sample_loop(sample, cond, cond_traj, cond_mask, generator)
         action_pred = self.normalizer.unnormalize("action", sample[..., : self.action_dim])
         return self.select_executed(self.check_actions(action_pred))
 
@@ -423,7 +480,56 @@ class ConsistencyPolicy(DiffusionPolicy):
     1-step student's success (trajectory2d, 3000-step student: 1 step 0.68; 3 steps [99, 69, 39] 0.32,
     [99, 39, 9] 0.74, [99, 49, 9] 0.66).
     `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill.py.
+
+    A CTM student (policy.consistency.ctm, from `distill.objective=ctm`) has a network with a second time
+    input, the stop time s, and jumps from x_t to any x_s (`jump`): G(x_t, t, s) is the DDIM move from t
+    to s with its own clean estimate g(x_t, t, s) (v reading as above), so G(x_t, t, t) = x_t and
+    G(x_t, t, -1) = g, the jump to the clean end (s = -1 stands for abar = 1). It samples the same chain
+    as above with g(x, t, -1) as the clean estimate (LCMScheduler's step with c_skip = 0, c_out = 1).
     """
+
+    @property
+    def is_ctm(self) -> bool:
+        return self.cfg.consistency.ctm
+
+    @property
+    def sampler_name(self) -> str:
+        # a CTM student's chain is `_sample_loop`'s own (its clean jumps have no LCM scalings)
+        return "CTM jumps" if self.is_ctm else super().sampler_name
+
+    def jump(
+        self, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CTM student's (G(x_t, t, s), g(x_t, t, s)) for per-sample timesteps t >= 0 and stop times
+        s <= t, (B,); s = -1 is the clean end."""
+        if not self.is_ctm:
+            raise ValueError("jump() needs a CTM student (policy.consistency.ctm); use consistency_output")
+        x0 = self.predict_x0(self.call_net(sample, t, cond, stop=s), sample, t)
+        return self.ddim_jump(sample, x0, t, s), x0
+
+    def _sample_loop(
+        self,
+        sample: torch.Tensor,
+        cond: torch.Tensor | None,
+        cond_traj: torch.Tensor,
+        cond_mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if not self.is_ctm:
+            return super()._sample_loop(sample, cond, cond_traj, cond_mask, generator)
+        sched = self.noise_scheduler.config
+        x0 = sample
+        for j, t in enumerate(self.consistency_chain()):
+            t_b = torch.full((sample.shape[0],), t, device=sample.device, dtype=torch.long)
+            if j:  # re-noise the last clean estimate to this chain time
+                noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                sample = self.noise_scheduler.add_noise(x0, noise, t_b)
+            if cond_mask is not None:
+                sample = torch.where(cond_mask, cond_traj, sample)
+            x0 = self.predict_x0(self._denoise_call(sample, t_b, cond, stop=-1), sample, t_b)
+            if sched.clip_sample:
+                x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+        return x0
 
     def set_sampler(
         self, sampler: str, num_inference_steps: int, timestep_spacing: str | None = None
@@ -467,7 +573,10 @@ class ConsistencyPolicy(DiffusionPolicy):
         self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x, t), x0(x, t)) for per-sample timesteps t, (B,): LCMScheduler.step's denoised output, batched
-        over timesteps and without its x0 clipping (which would stop gradients during distillation)."""
+        over timesteps and without its x0 clipping (which would stop gradients during distillation).
+        For a CTM student, (G(x, t, -1), g(x, t, -1)): its jump to the clean end."""
+        if self.is_ctm:
+            return self.jump(sample, t, torch.full_like(t, -1), cond)
         x0 = self.predict_x0(self.call_net(sample, t, cond), sample, t)
         c_skip, c_out = self.sampler.get_scalings_for_boundary_condition_discrete(t.to(sample.dtype))
         shape = (-1, *([1] * (sample.dim() - 1)))

@@ -96,6 +96,11 @@ class ConditionalUnet1D(nn.Module):
     Mid: two residual blocks at the deepest width. Up path: per remaining level, concatenate the
     matching skip, two residual blocks, then upsample, so T must be divisible by 2**(len(down_dims)-1).
     The output has the input's shape: it can be read as predicted noise or as a predicted sample.
+
+    With `stop_time_embed` the net takes a second time, the stop time s of a consistency trajectory
+    model's jump from t to s (CTM, Kim et al. 2024; `diffpolicy distill distill.objective=ctm`). Its
+    embedding (same form as the diffusion step's) is added to the step embedding; the encoder's last
+    layer starts at zero, so a student built from a teacher's weights starts as the teacher for every s.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class ConditionalUnet1D(nn.Module):
         kernel_size: int = 5,
         n_groups: int = 8,
         cond_predict_scale: bool = True,
+        stop_time_embed: bool = False,
     ) -> None:
         super().__init__()
         down_dims = tuple(down_dims)
@@ -122,12 +128,17 @@ class ConditionalUnet1D(nn.Module):
         self.down_dims = down_dims
 
         dsed = diffusion_step_embed_dim
-        self.diffusion_step_encoder = nn.Sequential(
-            SinusoidalPosEmb(dsed),
-            nn.Linear(dsed, 4 * dsed),
-            nn.Mish(),
-            nn.Linear(4 * dsed, dsed),
-        )
+
+        def step_encoder() -> nn.Sequential:
+            return nn.Sequential(
+                SinusoidalPosEmb(dsed), nn.Linear(dsed, 4 * dsed), nn.Mish(), nn.Linear(4 * dsed, dsed)
+            )
+
+        self.diffusion_step_encoder = step_encoder()
+        self.stop_step_encoder = step_encoder() if stop_time_embed else None
+        if self.stop_step_encoder is not None:
+            nn.init.zeros_(self.stop_step_encoder[-1].weight)
+            nn.init.zeros_(self.stop_step_encoder[-1].bias)
         cond_dim = dsed + self.global_cond_dim
 
         def res_block(c_in: int, c_out: int) -> ConditionalResidualBlock1D:
@@ -175,13 +186,22 @@ class ConditionalUnet1D(nn.Module):
         sample: Tensor,
         timestep: Tensor | int | float,
         global_cond: Tensor | None = None,
+        stop_timestep: Tensor | int | float | None = None,
     ) -> Tensor:
         """Predict (B, T, input_dim) from sample (B, T, input_dim), a scalar or (B,) timestep and
-        global_cond (B, global_cond_dim), which must be None when the net has no global condition."""
+        global_cond (B, global_cond_dim), which must be None when the net has no global condition.
+        stop_timestep (scalar or (B,)) is required by, and only accepted by, a net with stop_time_embed."""
         self._check_inputs(sample, global_cond)
         batch_size = sample.shape[0]
         t = expand_timesteps(timestep, batch_size, sample.device)
-        cond = self.diffusion_step_encoder(t).to(sample.dtype)
+        cond = self.diffusion_step_encoder(t)
+        if (stop_timestep is None) != (self.stop_step_encoder is None):
+            raise ValueError(
+                "stop_timestep is required by a net built with stop_time_embed=True and accepted by no other"
+            )
+        if self.stop_step_encoder is not None:
+            cond = cond + self.stop_step_encoder(expand_timesteps(stop_timestep, batch_size, sample.device))
+        cond = cond.to(sample.dtype)
         if global_cond is not None:
             cond = torch.cat([cond, global_cond], dim=-1)
 
