@@ -497,6 +497,21 @@ class ConsistencyPolicy(DiffusionPolicy):
         # a CTM student's chain is `_sample_loop`'s own (its clean jumps have no LCM scalings)
         return "CTM jumps" if self.is_ctm else super().sampler_name
 
+    def call_net(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: torch.Tensor | None,
+        net: Any = None,
+        stop: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """As BasePolicy.call_net; a CTM student called without a stop time jumps to the clean end (s = -1),
+        so its DDPM loss (`compute_loss`, the trainer's validation loss) reads the same output as a CM
+        student's."""
+        if self.is_ctm and stop is None:
+            stop = -1
+        return super().call_net(sample, t, cond, net=net, stop=stop)
+
     def jump(
         self, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
