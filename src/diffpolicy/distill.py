@@ -95,6 +95,8 @@ One step samples g(x_T, T - 1, -1); chains re-noise as the CM student does. A tr
 (1.18M pair, 10,000 steps, three training seeds; BENCHMARKS.md) ctm is worse than cm at 1 step (0.49 vs
 0.61) and level at 2-3 steps: uniform stops give the 1-step jump (top of the grid to the clean end) 1 in
 N x N samples; with half of the stops at the clean end (bench/ctm_stops.py) 0.58 over two seeds.
+What did lift a CM student afterwards is distribution matching (bench/dmd.py, DMD / One-Step Diffusion
+Policy; an experiment script for now): 1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 over three seeds.
 
 Training reuses the Trainer (data, optimizer, LR schedule, EMA of the weights for the exported
 student, checkpoints, resume, logs, final closed-loop evaluation): `DistillTrainer` only builds a
