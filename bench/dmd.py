@@ -75,13 +75,10 @@ class DistributionMatching(nn.Module):
         )
         return self.student.consistency_output(z, top, cond)[0]
 
-    def _fake_step(self, x: torch.Tensor, obs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        fake = self.fake
-        noise = torch.randn_like(x)
-        t = torch.randint(0, fake.noise_scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
-        noisy = fake.noise_scheduler.add_noise(x, noise, t)
-        pred = fake.call_net(noisy, t, fake.global_cond(fake.encode_obs(obs)))
-        loss = fake.masked_mse(pred, fake.noise_scheduler.get_velocity(x, noise, t), mask)
+    def _fake_step(self, x: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step of the fake network's own DDPM loss on the generator's chunks x."""
+        action = self.fake.normalizer.unnormalize("action", x)
+        loss = self.fake.compute_loss({**batch, "action": action})
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.fake_opt.step()
@@ -96,7 +93,7 @@ class DistributionMatching(nn.Module):
             for _ in range(self.fake_updates):
                 with torch.no_grad():
                     x_fake = self.generate(cond, x_data.shape)
-                fake_loss = self._fake_step(x_fake, obs, mask)
+                fake_loss = self._fake_step(x_fake, batch)
         x = self.generate(cond, x_data.shape)
         lo, hi = self.t_range
         t = torch.randint(lo, hi + 1, (x.shape[0],), device=x.device)
