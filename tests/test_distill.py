@@ -17,6 +17,7 @@ from diffpolicy.data.normalize import Normalizer
 from diffpolicy.distill import (
     ConsistencyDistillation,
     DistillTrainer,
+    DistributionMatching,
     TeacherError,
     ddim_step,
     distill_config,
@@ -549,3 +550,137 @@ def test_ctm_is_chosen_by_the_objective_only(teacher):
     assert not distill_config(teacher, []).policy.consistency.ctm
     with pytest.raises(ConfigError, match="use top_target=ode"):
         distill_config(teacher, ["distill.objective=ctm", "distill.top_target=ddim"])
+
+
+# ----- distribution matching (distill.objective=dmd) ---------------------------------------------------
+DMD = [
+    "distill.objective=dmd",
+    "distill.lr=1e-4",
+    "train.log_every=1",
+    "train.val_every=0",
+    "eval.n_episodes=0",
+]
+
+
+@pytest.fixture(scope="module")
+def v_pair(tmp_path_factory, traj_store) -> tuple[Path, Path]:
+    """A tiny v-prediction teacher and a cm student distilled from it (the start DMD fine-tunes)."""
+    root = tmp_path_factory.mktemp("v_pair")
+    cfg = tiny_config(
+        f"data.path={traj_store}", "train.num_steps=60", "policy.scheduler.prediction_type=v_prediction"
+    )
+    cfg.eval.n_episodes = 0
+    Trainer(cfg, root / "teacher").fit()
+    teacher = root / "teacher" / "checkpoints" / "latest"
+    DistillTrainer(
+        distill_config(teacher, [*DISTILL, "distill.num_steps=20", "eval.n_episodes=0"]), root / "cm"
+    ).fit()
+    return teacher, root / "cm" / "checkpoints" / "latest"
+
+
+def dmd_loss_module(v_pair) -> tuple[DistributionMatching, dict]:
+    teacher_path, cm = v_pair
+    teacher, _ = load_teacher(teacher_path)
+    student, cfg = load_policy(cm)
+    cfg = distill_config(teacher_path, ["distill.objective=dmd"])
+    batch = {
+        "obs": {"pos": torch.randn(4, 2, 2), "vel": torch.randn(4, 2, 2)},
+        "action": torch.rand(4, student.cfg.horizon, 2),
+        "action_is_pad": torch.zeros(4, student.cfg.horizon, dtype=torch.bool),
+    }
+    batch["action_is_pad"][0, -3:] = True
+    return DistributionMatching(student, teacher, cfg.distill, distributed=False), batch
+
+
+def test_dmd_moves_chunks_from_the_fake_towards_the_teacher(v_pair, monkeypatch):
+    """The loss's gradient on the student's chunk is (x0_fake - x0_teacher) / mean|x - x0_teacher| per
+    sample (so descent moves it from where the fake network puts it towards the teacher), zero on padded
+    actions, and zero everywhere while the fake network is still the teacher."""
+    dmd, batch = dmd_loss_module(v_pair)
+    monkeypatch.setattr(dmd.fake, "step", lambda chunk, batch: torch.zeros(()))  # the fake stays the teacher
+    torch.manual_seed(0)
+    assert dmd(batch).item() == 0.0
+    x = torch.randn(4, dmd.student.cfg.horizon, 2, requires_grad=True)
+    monkeypatch.setattr(dmd, "generate", lambda cond, shape: x if torch.is_grad_enabled() else x.detach())
+    real_estimate = dmd.fake.clean_estimate
+    monkeypatch.setattr(dmd.fake, "clean_estimate", lambda x_t, t, obs: real_estimate(x_t, t, obs) + 0.1)
+    loss = dmd(batch)
+    loss.backward()
+    assert loss.item() > 0
+    pad = batch["action_is_pad"][..., None].expand_as(x)
+    assert torch.all(x.grad[pad] == 0)
+    assert torch.all(x.grad[~pad] > 0)  # descent lowers x: the fake's estimates sit 0.1 above the teacher's
+    # per sample, 0.1 / its normalization, spread over all entries (masked_mse's mean)
+    for row in (1, 2, 3):
+        assert torch.allclose(x.grad[row], x.grad[row, 0, 0].expand_as(x.grad[row]), rtol=1e-5)
+
+
+def test_dmd_fine_tunes_resumes_and_exports_a_student(v_pair, tmp_path):
+    teacher, cm = v_pair
+    cfg = distill_config(
+        teacher,
+        [*DISTILL, *DMD, f"distill.init_student={cm}", "distill.num_steps=8", "train.checkpoint_every=4"],
+    )
+    DistillTrainer(cfg, tmp_path / "straight").fit()
+    with pytest.raises(Interrupted):
+
+        class KilledAt4(DistillTrainer):
+            def save_latest(self, step):
+                super().save_latest(step)
+                if step == 4:
+                    raise Interrupted
+
+        KilledAt4(cfg, tmp_path / "resumed").fit()
+    DistillTrainer(cfg, tmp_path / "resumed").fit()
+    a = load_training_state(tmp_path / "straight" / "checkpoints" / "latest")
+    b = load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")
+    assert "target" not in a and set(a["fake"]) == {"model", "optimizer"}
+    for part, state_a, state_b in (
+        ("student", a["model"], b["model"]),
+        ("fake", a["fake"]["model"], b["fake"]["model"]),
+    ):
+        for key in state_a:
+            assert torch.allclose(state_a[key], state_b[key], atol=1e-6), (part, key)
+    # the fake network learned the student's chunks: it is no longer the teacher
+    t_state = load_policy(teacher)[0].state_dict()
+    assert any(not torch.equal(t_state[k], a["fake"]["model"][k]) for k in t_state if k.startswith("net."))
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    terms = [r for r in rows if "train/dmd_grad" in r]
+    assert len(terms) == 8 and all(
+        torch.isfinite(torch.tensor([r["train/loss"], r["train/fake_loss"], r["train/dmd_grad"]])).all()
+        for r in terms
+    )
+    student, student_cfg = load_policy(tmp_path / "straight" / "checkpoints" / "latest")
+    assert isinstance(student, ConsistencyPolicy) and student_cfg.distill.objective == "dmd"
+    cm_state = load_policy(cm)[0].state_dict()
+    assert any(
+        not torch.equal(cm_state[k], student.state_dict()[k]) for k in cm_state if k.startswith("net.")
+    )
+    obs = {"pos": torch.randn(64, 2, 2) * 3, "vel": torch.randn(64, 2, 2) * 3}
+    for steps in (1, 2):
+        student.set_sampler("consistency", steps)
+        action = student.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+        low = student.normalizer.params["action"].input_min
+        high = student.normalizer.params["action"].input_max
+        assert torch.isfinite(action).all() and (action >= low - 1e-4).all() and (action <= high + 1e-4).all()
+
+
+def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
+    cfg = distill_config(teacher, [*DISTILL, *DMD, "distill.num_steps=1"])
+    with pytest.raises(TeacherError, match="prediction_type=v_prediction"):
+        DistillTrainer(cfg, tmp_path / "eps").fit()
+    for bad, match in (
+        ("distill.dmd_t_max=100", "dmd_t_max=100 must satisfy"),
+        ("distill.dmd_t_min=-1", "dmd_t_min=-1"),
+        ("distill.dmd_fake_updates=0", "dmd_fake_updates=0 must be >= 1"),
+        ("distill.dmd_fake_lr=0", "dmd_fake_lr=0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            distill_config(v_pair[0], ["distill.objective=dmd", bad])
+    # a cm run's folder does not resume as dmd
+    cm_cfg = distill_config(v_pair[0], [*DISTILL, "distill.num_steps=2", "eval.n_episodes=0"])
+    DistillTrainer(cm_cfg, tmp_path / "cm").fit()
+    with pytest.raises(Exception, match="different configuration"):
+        DistillTrainer(
+            distill_config(v_pair[0], [*DISTILL, *DMD, "distill.num_steps=2"]), tmp_path / "cm"
+        ).fit()

@@ -185,7 +185,9 @@ class DistillConfig:
     warmup_steps: int = 100
     # cm: consistency distillation, one time input, every jump to the clean end (LCM) | ctm: consistency
     # trajectory distillation, a two-time student G(x_t, t, s) trained on jumps to any lower grid point s,
-    # compared at the clean end through the target network (CTM, Consistency Policy). See distill.py.
+    # compared at the clean end through the target network (CTM, Consistency Policy) | dmd: distribution
+    # matching of the 1-step chunks against the teacher's (DMD / One-Step Diffusion Policy), best as a
+    # fine-tune of a cm student (distill.init_student). See distill.py.
     objective: str = "cm"
     loss: str = "huber"  # consistency loss: huber (pseudo-Huber, as LCM) | mse
     huber_c: float = 1.0e-3
@@ -206,6 +208,13 @@ class DistillConfig:
     # fine-tune a distilled student with another objective or budget, on a fresh schedule. Its networks
     # and normalizer must match the teacher's.
     init_student: str = ""
+    # distill.objective=dmd (distribution matching, DMD / One-Step Diffusion Policy; see distill.py): the
+    # fake score network's optimizer steps per student step and learning rate, and the range of timesteps
+    # at which the student's 1-step chunks are noised and scored (DMD's [0.02 T, 0.98 T]).
+    dmd_fake_updates: int = 2
+    dmd_fake_lr: float = 1.0e-4
+    dmd_t_min: int = 2
+    dmd_t_max: int = 97
 
 
 @dataclass
@@ -261,7 +270,7 @@ _CHOICES = {
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),
     "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
     "policy.scheduler.timestep_spacing": TIMESTEP_SPACINGS,
-    "distill.objective": ("cm", "ctm"),
+    "distill.objective": ("cm", "ctm", "dmd"),
     "distill.loss": ("huber", "mse"),
     "distill.solver_span": ("one", "uniform", "full"),
     "distill.top_target": ("ode", "ddim"),
@@ -329,9 +338,16 @@ def validate(cfg: RunConfig) -> None:
         ("huber_c", d.huber_c > 0, "> 0"),
         ("denoise_weight", d.denoise_weight >= 0, ">= 0"),
         ("target_ema_decay", 0.0 <= d.target_ema_decay < 1.0, "in [0, 1)"),
+        ("dmd_fake_updates", d.dmd_fake_updates >= 1, ">= 1"),
+        ("dmd_fake_lr", d.dmd_fake_lr > 0, "> 0"),
     ):
         if not ok:
             raise ConfigError(f"distill.{key}={getattr(d, key)!r} must be {rule}")
+    if not 0 <= d.dmd_t_min <= d.dmd_t_max < p.scheduler.num_train_timesteps:
+        raise ConfigError(
+            f"distill.dmd_t_min={d.dmd_t_min} / dmd_t_max={d.dmd_t_max} must satisfy 0 <= dmd_t_min <= "
+            f"dmd_t_max < policy.scheduler.num_train_timesteps={p.scheduler.num_train_timesteps}"
+        )
     skip = p.scheduler.num_train_timesteps // grid
     if d.solver_substeps < 1 or skip % d.solver_substeps:
         raise ConfigError(

@@ -95,25 +95,44 @@ One step samples g(x_T, T - 1, -1); chains re-noise as the CM student does. A tr
 (1.18M pair, 10,000 steps, three training seeds; BENCHMARKS.md) ctm is worse than cm at 1 step (0.49 vs
 0.61) and level at 2-3 steps: uniform stops give the 1-step jump (top of the grid to the clean end) 1 in
 N x N samples; with half of the stops at the clean end (bench/ctm_stops.py) 0.58 over two seeds.
-What did lift a CM student afterwards is distribution matching (bench/dmd.py, DMD / One-Step Diffusion
-Policy; an experiment script for now): 1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 over three seeds.
+
+distill.objective=dmd is distribution matching (DMD, Yin et al. 2024; One-Step Diffusion Policy, Wang et
+al. 2024), best as a fine-tune of a cm student (distill.init_student). A consistency student must
+reproduce one particular map, the teacher's ODE from each noise to its chunk; DMD asks only that its
+1-step chunks x = f(z, T - 1) have the teacher's distribution for each observation:
+
+* a "fake" score network, a copy of the teacher trained with the teacher's own DDPM loss, learns the
+  distribution of the student's current 1-step chunks: distill.dmd_fake_updates optimizer steps
+  (lr distill.dmd_fake_lr) on fresh chunks per student step (DMD2's two-time-scale rule, so it keeps up);
+* the student's chunk x (with gradients) is noised to x_t at t uniform in [dmd_t_min, dmd_t_max] and
+  moved along g = (x0_fake(x_t) - x0_teacher(x_t)) / mean|x - x0_teacher(x_t)|: the gradient of the KL
+  between the two noised distributions in clean-chunk units, with DMD's per-sample normalization,
+  written as the loss 0.5 ||x - stopgrad(x - g)||^2 (masked like the others). The teacher must predict
+  v: its clean estimates near t = T are ill-conditioned otherwise.
+There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
+(1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
+1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100); more steps were
+worse, and nothing but rollouts says when to stop. The chunks come out wider and rougher than the
+teacher's, as expected of an objective that ignores the ODE map.
 
 Training reuses the Trainer (data, optimizer, LR schedule, EMA of the weights for the exported
 student, checkpoints, resume, logs, final closed-loop evaluation): `DistillTrainer` only builds a
-different policy (the student) and loss (`ConsistencyDistillation`) and keeps the target network
-updated and checkpointed. `distill.init_student` starts the student from an earlier student's weights
+different policy (the student) and loss (`ConsistencyDistillation` or `DistributionMatching`) and
+keeps the target (or fake) network updated and checkpointed. `distill.init_student` starts the student from an earlier student's weights
 instead of the teacher's (fine-tuning with another objective; resuming a run needs no such option).
 The validation loss it logs is the student's DDPM loss on held-out windows.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from diffpolicy.checkpoint import CheckpointError, load_policy
 from diffpolicy.config import ConfigError, DistillConfig, EmaConfig, RunConfig, validate, with_overrides
@@ -462,6 +481,105 @@ class ConsistencyDistillation(nn.Module):
         return t, x_t, f_target
 
 
+class FakeScore:
+    """DMD's "fake" score network: a copy of the teacher that keeps learning the student's 1-step chunks.
+
+    Deliberately not an nn.Module attribute of the loss: it has its own optimizer and backward passes, and
+    DistributedDataParallel around the loss would otherwise expect the student's backward to give it
+    gradients. Under torchrun it gets its own DDP wrapper, so its updates average over ranks like the
+    student's. No library ships this piece (diffusers' DMD code lives in research scripts, not an API).
+    """
+
+    def __init__(self, teacher: DiffusionPolicy, lr: float, distributed: bool) -> None:
+        self.net = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
+        self.model: nn.Module = self.net
+        if distributed:
+            ids = [self.net.device.index] if self.net.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+
+    def step(self, chunk: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step of the teacher's own DDPM loss on `chunk` (normalized generated actions)."""
+        action = self.net.normalizer.unnormalize("action", chunk)
+        with torch.enable_grad():
+            loss = self.model({**batch, "action": action})
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def clean_estimate(
+        self, x_t: torch.Tensor, t: torch.Tensor, obs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return clean_estimate(self.net, x_t, t, obs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def clean_estimate(
+    net: DiffusionPolicy, x_t: torch.Tensor, t: torch.Tensor, obs: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """A diffusion policy's estimate of the clean (normalized) chunk at (x_t, t), per-sample timesteps."""
+    return net.predict_x0(net.call_net(x_t, t, net.global_cond(net.encode_obs(obs))), x_t, t)
+
+
+class DistributionMatching(nn.Module):
+    """distill.objective=dmd: the student's 1-step chunks pulled towards the teacher's distribution.
+
+    Per step: the fake score network takes distill.dmd_fake_updates steps on fresh 1-step chunks; then
+    the student's chunk x (with gradients) is noised to x_t, t uniform in [dmd_t_min, dmd_t_max], and the
+    loss 0.5 ||x - stopgrad(x - g)||^2 moves it along g = (x0_fake - x0_teacher) / mean|x - x0_teacher|
+    (module docstring). Only the student is optimized by the Trainer.
+    """
+
+    def __init__(
+        self, student: ConsistencyPolicy, teacher: DiffusionPolicy, cfg: DistillConfig, distributed: bool
+    ) -> None:
+        super().__init__()
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.fake = FakeScore(teacher, cfg.dmd_fake_lr, distributed)
+        self.top = student.cfg.scheduler.num_train_timesteps - 1
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def generate(self, cond: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The student's 1-step chunk from fresh noise (normalized, unclipped; gradients if enabled)."""
+        z = torch.randn(shape, device=cond.device, dtype=cond.dtype)
+        top = torch.full((shape[0],), self.top, device=cond.device)
+        return self.student.consistency_output(z, top, cond)[0]
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        student, obs = self.student, batch["obs"]
+        x_data = student.normalizer.normalize("action", batch["action"])
+        mask = student.loss_mask(batch, x_data, None)
+        cond = student.global_cond(student.encode_obs(obs))
+        for _ in range(self.cfg.dmd_fake_updates):
+            with torch.no_grad():
+                chunk = self.generate(cond, x_data.shape)
+            fake_loss = self.fake.step(chunk, batch)
+        x = self.generate(cond, x_data.shape)
+        t = torch.randint(self.cfg.dmd_t_min, self.cfg.dmd_t_max + 1, (x.shape[0],), device=x.device)
+        with torch.no_grad():
+            x_t = self.teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)
+            real = clean_estimate(self.teacher, x_t, t, obs)
+            fake = self.fake.clean_estimate(x_t, t, obs)
+            m = mask.to(x.dtype)
+            # DMD's per-sample normalization, over the sample's real (unpadded) actions
+            scale = ((x - real).abs() * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
+            grad = (fake - real) / scale.clamp(min=1e-4).view(-1, 1, 1)
+        loss = 0.5 * student.masked_mse(x, (x - grad).detach(), mask)
+        self.terms = {
+            "train/fake_loss": fake_loss,
+            "train/dmd_grad": (grad.abs() * m).sum() / m.sum().clamp(min=1),
+            "train/data_mse": student.masked_mse(x.detach(), x_data, mask),  # a diagnostic only
+        }
+        return loss
+
+
 class DistillTrainer(Trainer):
     """The Trainer with a student initialized from the teacher and the consistency distillation loss.
 
@@ -536,21 +654,47 @@ class DistillTrainer(Trainer):
             ) from None
         log.info("student initialized from %s (distilled from %s)", path, source)
 
-    def _make_loss_module(self) -> ConsistencyDistillation:
-        decay = self.cfg.distill.target_ema_decay
-        self.target = EMA(self.policy, EmaConfig(min_value=decay, max_value=decay))
-        return ConsistencyDistillation(self.policy, self.teacher, self.target.model, self.cfg.distill)
+    def _make_loss_module(self) -> ConsistencyDistillation | DistributionMatching:
+        d = self.cfg.distill
+        if d.objective == "dmd":  # no target network: the fake score network is its moving reference
+            self.target = None
+            if self.teacher.cfg.scheduler.prediction_type != "v_prediction":
+                raise TeacherError(
+                    "distill.objective=dmd scores chunks with the teacher's clean estimates up to t = "
+                    f"{d.dmd_t_max}, which a {self.teacher.cfg.scheduler.prediction_type} teacher gives "
+                    "ill-conditioned: use a teacher trained with "
+                    "policy.scheduler.prediction_type=v_prediction"
+                )
+            if not d.init_student:
+                log.info(
+                    "dmd from the teacher's weights (whose 1-step map is DDIM-1's): fine-tuning a cm student "
+                    "(distill.init_student) did better on Push-T (BENCHMARKS.md)"
+                )
+            return DistributionMatching(self.policy, self.teacher, d, distributed=self.world_size > 1)
+        self.target = EMA(self.policy, EmaConfig(min_value=d.target_ema_decay, max_value=d.target_ema_decay))
+        return ConsistencyDistillation(self.policy, self.teacher, self.target.model, d)
 
     def _after_optimizer_step(self, step: int) -> None:
         super()._after_optimizer_step(step)
-        self.target.update(self.policy, step)  # every rank: each needs the target for its loss
+        if self.target is not None:
+            self.target.update(self.policy, step)  # every rank: each needs the target for its loss
 
     def _loss_terms(self) -> dict[str, float]:
         return {k: v.item() for k, v in self.loss_module.terms.items()}
 
     def _training_state(self, step: int) -> dict[str, Any]:
+        if self.target is None:
+            return {**super()._training_state(step), "fake": self.loss_module.fake.state_dict()}
         return {**super()._training_state(step), "target": self.target.state_dict()}
 
     def _restore(self, state: dict[str, Any]) -> None:
         super()._restore(state)
-        self.target.load_state_dict(state["target"])
+        if self.target is None:
+            if "fake" not in state:
+                raise CheckpointError(
+                    "this run's checkpoint has no fake score network: it was not written by a "
+                    "distill.objective=dmd run; use a fresh --run-dir"
+                )
+            self.loss_module.fake.load_state_dict(state["fake"])
+        else:
+            self.target.load_state_dict(state["target"])
