@@ -1,10 +1,10 @@
-"""Control for bench/dmd.py: does a student succeed more often only because its chunks are noisier?
+"""Control for distill.objective=dmd: does a student succeed more often only because its chunks are noisier?
 
     python bench/jitter_control.py --checkpoint runs/cd_small/checkpoints/latest --sigma 0.0155 \\
         --episodes 200 --out runs/eval200_cd_small_jitter_1 eval.num_inference_steps=1
 
-Distribution-matched students (bench/dmd.py) roll out better than the consistency students they start
-from, and their chunks are rougher (bench/consistency_fit.py). This adds independent Gaussian noise of
+Distribution-matched students (distill.objective=dmd) roll out better than the consistency students they
+start from, and their chunks are rougher (bench/consistency_fit.py). This adds independent Gaussian noise of
 std `--sigma` (normalized action units, [-1, 1]) to every action of every sampled chunk, before
 unnormalizing, and evaluates as `diffpolicy eval` does. Independent noise adds 6 sigma^2 to the
 roughness (mean squared second difference) and 2 sigma^2 to the spread (two samples' mean squared

@@ -111,15 +111,17 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   v: its clean estimates near t = T are ill-conditioned otherwise.
 There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
 (1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
-1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100); more steps were
-worse, and nothing but rollouts says when to stop. The chunks come out wider and rougher than the
-teacher's, as expected of an objective that ignores the ODE map.
+1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair (two
+seeds) 1 step 0.61 -> 0.68 and 2 steps 0.67 -> 0.71 (teacher 0.865); the 1-step gain varies between
+reruns. More steps were worse, and nothing but rollouts says when to stop. The chunks come out wider
+and rougher than the teacher's, as expected of an objective that ignores the ODE map.
 
 Training reuses the Trainer (data, optimizer, LR schedule, EMA of the weights for the exported
 student, checkpoints, resume, logs, final closed-loop evaluation): `DistillTrainer` only builds a
 different policy (the student) and loss (`ConsistencyDistillation` or `DistributionMatching`) and
-keeps the target (or fake) network updated and checkpointed. `distill.init_student` starts the student from an earlier student's weights
-instead of the teacher's (fine-tuning with another objective; resuming a run needs no such option).
+keeps the target (or fake) network updated and checkpointed. `distill.init_student` starts the
+student from an earlier student's weights instead of the teacher's (fine-tuning with another
+objective; resuming a run needs no such option).
 The validation loss it logs is the student's DDPM loss on held-out windows.
 """
 
