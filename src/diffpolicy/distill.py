@@ -111,9 +111,9 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   v: its clean estimates near t = T are ill-conditioned otherwise.
 There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
 (1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
-1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair (two
-seeds) 1 step 0.61 -> 0.68 and 2 steps 0.67 -> 0.71 (teacher 0.865); the 1-step gain varies between
-reruns. More steps were worse, and nothing but rollouts says when to stop. The chunks come out wider
+1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair
+(three seeds) 1 step 0.60 -> 0.65 and 2 steps 0.69 -> 0.73 (teacher 0.865); the 1-step gain varies
+between reruns. More steps were worse, and nothing but rollouts says when to stop. The chunks come out wider
 and rougher than the teacher's, as expected of an objective that ignores the ODE map.
 
 Training reuses the Trainer (data, optimizer, LR schedule, EMA of the weights for the exported
