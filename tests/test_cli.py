@@ -66,8 +66,6 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
                 "eval.n_videos=1",
                 "eval.temporal_ensemble=true",
                 "eval.ensemble_decay=-0.5",
-                "eval.num_samples=3",
-                "eval.sample_select=medoid",
             ]
         )
         == 0
@@ -76,8 +74,6 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
     assert report["n_episodes"] == 3 and report["sampler"] == "DDIMScheduler"
     assert report["temporal_ensemble"] and report["ensemble_decay"] == -0.5
     assert "temporal ensembling: True (decay -0.5)" in (out / "report.md").read_text()
-    assert report["num_samples"] == 3 and report["sample_select"] == "medoid"
-    assert "best of 3 samples by medoid" in (out / "report.md").read_text()
     assert (
         report["timestep_spacing"] == "trailing" and "(trailing spacing)" in (out / "report.md").read_text()
     )

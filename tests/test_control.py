@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpolicy.control import RecedingHorizonController, TemporalEnsembler, select_chunks
+from diffpolicy.control import RecedingHorizonController, TemporalEnsembler
 
 
 class RecordingPolicy(torch.nn.Module):
@@ -94,51 +94,8 @@ def test_images_are_converted_at_the_policy_boundary():
     assert window.shape == (2, 2, 3, 4, 5) and window.dtype == torch.float32 and window.max() == 1.0
 
 
-def test_select_chunks_medoid_and_coherence():
-    """medoid keeps the candidate nearest the others (not the stray one between two clusters' sides);
-    coherence keeps the one continuing the previous chunk's remaining plan, and falls back to medoid."""
-    base = np.zeros((1, 5, 3, 1))  # N=1, K=5, L=3, Da=1
-    candidates = base + np.array([0.0, 0.1, 5.0, 0.2, -0.05])[None, :, None, None]
-    assert select_chunks(candidates, None, "medoid").tolist() == [1]
-    assert select_chunks(candidates, None, "coherence").tolist() == [1]
-    previous = np.full((1, 2, 1), 4.8)  # the plan for the next 2 steps
-    assert select_chunks(candidates, previous, "coherence").tolist() == [2]
-    assert select_chunks(candidates, previous, "medoid").tolist() == [1]
-    assert select_chunks(candidates, previous[:, :0], "coherence").tolist() == [1]  # nothing ahead
-    with pytest.raises(ValueError, match="unknown selection rule 'best'"):
-        select_chunks(candidates, None, "best")
-
-
-class NoisyPolicy(RecordingPolicy):
-    """Each batch row gets its own constant offset: row r of a call is 100*call + 10*r + offset."""
-
-    def predict_action(self, obs, generator=None):
-        out = super().predict_action(obs, generator)
-        rows = torch.arange(out["action_pred"].shape[0], dtype=torch.float32)
-        pred = out["action_pred"] + 10.0 * rows[:, None, None]
-        start = self.n_obs_steps - 1
-        return {"action": pred[:, start : start + self.n_action_steps], "action_pred": pred}
-
-
-def test_controller_samples_k_candidates_per_env_in_one_call_and_keeps_one():
-    policy = NoisyPolicy(horizon=6, n_obs_steps=2, n_action_steps=3)
-    ctrl = RecedingHorizonController(policy, num_samples=3, sample_select="medoid")
-    first = ctrl.act(obs_at(0, n=2))
-    assert policy.windows[0]["pos"].shape[0] == 6  # 2 envs x 3 candidates, one batched call
-    # env 0 owns rows 0-2 (offsets 0, 10, 20: medoid 10), env 1 rows 3-5 (30, 40, 50: medoid 40)
-    assert first[:, 0].tolist() == [111, 141]
-    assert ctrl.last_chunk.shape == (2, 5, 2)
-    ctrl = RecedingHorizonController(NoisyPolicy(horizon=6, n_obs_steps=2, n_action_steps=3), num_samples=3)
-    for t in range(3):
-        ctrl.act(obs_at(t))
-    # second chunk by coherence with the first's remaining plan (111+3.. for env 0): the lowest offset
-    assert ctrl.act(obs_at(3))[:, 0].tolist() == [201, 231]
-
-
 def test_bad_inputs():
     policy = RecordingPolicy(horizon=6, n_obs_steps=2)
-    with pytest.raises(ValueError, match="num_samples=0 must be >= 1"):
-        RecedingHorizonController(policy, num_samples=0)
     with pytest.raises(ValueError, match="n_action_steps=6 must be in"):
         RecedingHorizonController(policy, n_action_steps=6)
     with pytest.raises(KeyError, match="lacks 'pos'"):

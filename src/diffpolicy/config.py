@@ -247,12 +247,6 @@ class EvalConfig:
     # 1-step consistency policy deterministic. Noise injected later (DDPM steps, chain re-noising) is
     # not scaled. On Push-T below 1 hurt and above 1 did not help (BENCHMARKS.md).
     noise_scale: float = 1.0
-    # Sample this many chunks per re-plan (one batched policy call) and execute one of them, chosen by
-    # eval.sample_select: coherence (Bidirectional Decoding's backward coherence: the candidate nearest the
-    # previous chunk's not yet executed actions; medoid for an episode's first chunk) | medoid (the
-    # candidate nearest all others: the densest region of the sampled distribution). 1 = no selection.
-    num_samples: int = 1
-    sample_select: str = "coherence"
     # Inference fast paths (DiffusionPolicy.set_fast_paths): bf16 autocast of the network calls, and
     # torch.compile's mode (reduce-overhead also captures CUDA graphs on GPU); null = eager.
     precision: str = "fp32"
@@ -279,7 +273,6 @@ class RunConfig:
 PRECISIONS = ("fp32", "bf16")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
-SAMPLE_SELECTS = ("coherence", "medoid")  # eval.sample_select, see control.py
 
 _CHOICES = {
     "policy.type": ("diffusion", "mse_bc", "consistency"),
@@ -294,7 +287,6 @@ _CHOICES = {
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
     "eval.precision": PRECISIONS,
-    "eval.sample_select": SAMPLE_SELECTS,
     "eval.compile": COMPILE_MODES,
 }
 
@@ -395,8 +387,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"eval.n_episodes={cfg.eval.n_episodes} must be >= 0 and eval.n_envs={cfg.eval.n_envs} >= 1"
         )
-    if cfg.eval.num_samples < 1:
-        raise ConfigError(f"eval.num_samples={cfg.eval.num_samples} must be >= 1")
     if not cfg.eval.noise_scale >= 0.0:  # also rejects NaN
         raise ConfigError(f"eval.noise_scale={cfg.eval.noise_scale!r} must be >= 0")
     if not 0.0 <= cfg.data.val_ratio < 1.0:

@@ -5,14 +5,6 @@ observations; in between it plays the chunk's actions. A chunk's executable part
 current step (offset n_obs_steps-1 of the predicted horizon, see data/sequence.py) and is
 horizon - n_obs_steps + 1 steps long. With temporal ensembling, every step's action is a weighted
 average over all stored chunks that cover it (ACT's rule: weight exp(-decay * i), i = 0 the oldest).
-
-With num_samples K > 1 every re-plan samples K chunks per environment in one batched policy call and
-keeps one (`select_chunks`): "coherence" is the backward-coherence rule of Bidirectional Decoding (Liu
-et al. 2024): the candidate nearest the previous chunk's actions for the steps still ahead, so that
-re-planning does not hop between modes; an episode's first chunk, which has no predecessor, takes the
-"medoid" rule: the candidate with the least summed distance to the others, which sits where the samples
-are densest and avoids the stray ones between modes. Selection is cheap test-time search; written here
-because it needs the controller's memory of the previous chunk, which no library keeps for us.
 """
 
 from __future__ import annotations
@@ -56,25 +48,6 @@ class TemporalEnsembler:
         return sum(w * c[:, t - s] for w, (s, c) in zip(weights, covering, strict=True))
 
 
-def select_chunks(candidates: np.ndarray, previous: np.ndarray | None, rule: str) -> np.ndarray:
-    """Pick one chunk per environment from candidates (N, K, L, Da); returns the indices (N,).
-
-    previous: (N, P, Da), the previous chunk's actions for the next P steps (P <= L), or None at an
-    episode's start; rule: "coherence" (nearest `previous` over those P steps, medoid without it) or
-    "medoid" (least summed Euclidean distance to the other candidates).
-    """
-    if rule not in ("coherence", "medoid"):
-        raise ValueError(f"unknown selection rule {rule!r}: coherence or medoid")
-    n, k = candidates.shape[:2]
-    if rule == "coherence" and previous is not None and previous.shape[1] > 0:
-        ahead = previous.shape[1]
-        gap = candidates[:, :, :ahead] - previous[:, None]
-        return np.linalg.norm(gap.reshape(n, k, -1), axis=-1).argmin(1)
-    flat = candidates.reshape(n, k, -1)
-    pairwise = np.linalg.norm(flat[:, :, None] - flat[:, None], axis=-1)  # (N, K, K)
-    return pairwise.sum(-1).argmin(1)
-
-
 class RecedingHorizonController:
     """Feeds a batch of N environments: `act(obs)` takes {key: (N, ...)} numpy obs, returns (N, Da)."""
 
@@ -85,12 +58,7 @@ class RecedingHorizonController:
         temporal_ensemble: bool = False,
         ensemble_decay: float = 0.1,
         generator: torch.Generator | None = None,
-        num_samples: int = 1,
-        sample_select: str = "coherence",
     ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples={num_samples} must be >= 1")
-        self.num_samples, self.sample_select = num_samples, sample_select
         self.policy = policy
         self.obs_meta = policy.shape_meta["obs"]
         self.n_obs_steps = policy.n_obs_steps
@@ -130,18 +98,9 @@ class RecedingHorizonController:
             k: torch.from_numpy(np.stack([h[k] for h in self.history], axis=1)).to(device)
             for k in self.obs_meta
         }
-        k = self.num_samples
-        if k > 1:  # candidates of one environment sit next to each other in the batch
-            window = {key: v.repeat_interleave(k, dim=0) for key, v in window.items()}
         out = self.policy.predict_action(window, generator=self.generator)
         start = self.n_obs_steps - 1
-        chunks = out["action_pred"][:, start:].float().cpu().numpy()
-        if k == 1:
-            return chunks
-        candidates = chunks.reshape(-1, k, *chunks.shape[1:])
-        previous = None if self.last_chunk is None else self.last_chunk[:, self.n_action_steps :]
-        chosen = select_chunks(candidates, previous, self.sample_select)
-        return candidates[np.arange(len(candidates)), chosen]
+        return out["action_pred"][:, start:].float().cpu().numpy()
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         self._push(obs)

@@ -49,8 +49,6 @@ def run_rollouts(
         temporal_ensemble=cfg.temporal_ensemble,
         ensemble_decay=cfg.ensemble_decay,
         generator=generator,
-        num_samples=cfg.num_samples,
-        sample_select=cfg.sample_select,
     )
     low_dim_keys = [k for k, m in policy.shape_meta["obs"].items() if m.get("type", "low_dim") == "low_dim"]
     rollouts: list[Rollout] = []
@@ -179,8 +177,6 @@ def evaluate(
         "temporal_ensemble": cfg.temporal_ensemble,
         # the blend's weighting changes results a lot (BENCHMARKS), so a report names it
         "ensemble_decay": cfg.ensemble_decay if cfg.temporal_ensemble else None,
-        "num_samples": cfg.num_samples,
-        "sample_select": cfg.sample_select if cfg.num_samples > 1 else None,
         "task_metrics": task.summarize(rollouts, out_dir),
         "videos": videos,
         "episodes": [
@@ -210,12 +206,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         + (f", noise scale {report['noise_scale']}" if report.get("noise_scale", 1.0) != 1.0 else "")
         + f", actions per chunk: "
         f"{report['n_action_steps']}, temporal ensembling: {report['temporal_ensemble']}"
-        + (f" (decay {report['ensemble_decay']})" if report.get("ensemble_decay") is not None else "")
-        + (
-            f", best of {report['num_samples']} samples by {report['sample_select']}"
-            if report.get("num_samples", 1) > 1
-            else ""
-        ),
+        + (f" (decay {report['ensemble_decay']})" if report.get("ensemble_decay") is not None else ""),
         f"- wall time: {report['wall_time_s']:.1f} s",
     ]
     metrics = {k: v for k, v in report["task_metrics"].items() if not isinstance(v, list | dict)}
