@@ -70,21 +70,6 @@ def test_unet_output_shape(overrides, horizon):
     assert out.shape == x.shape
 
 
-def test_unet_bottleneck_is_the_mid_blocks_output():
-    """`bottleneck` (DMD2's discriminator features) is exactly what forward passes from the mid blocks on."""
-    net = small_unet(down_dims=(16, 32, 64)).eval()
-    x, t, cond = (
-        torch.randn(B, 12, net.input_dim),
-        torch.randint(0, 100, (B,)),
-        torch.randn(B, net.global_cond_dim),
-    )
-    seen = []
-    net.mid_modules[-1].register_forward_hook(lambda module, args, out: seen.append(out))
-    net(x, t, global_cond=cond)
-    features = net.bottleneck(x, t, global_cond=cond)
-    assert features.shape == (B, 64, 3) and torch.equal(features, seen[0])
-
-
 @pytest.mark.parametrize(
     "overrides",
     [

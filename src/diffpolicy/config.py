@@ -215,16 +215,6 @@ class DistillConfig:
     dmd_fake_lr: float = 1.0e-4
     dmd_t_min: int = 2
     dmd_t_max: int = 97
-    # DMD2's GAN term (Yin et al. 2024b), 0 = off: a discriminator head on the fake score network's U-Net
-    # bottleneck tells noised demonstration chunks from noised 1-step chunks. The student's loss adds
-    # dmd_gan_weight x the non-saturating generator loss; the fake network's adds dmd_disc_weight x the
-    # discriminator's (its head is trained by that term alone, so only the shared trunk feels the weight).
-    dmd_gan_weight: float = 0.0
-    dmd_disc_weight: float = 0.01
-    # the discriminator (and generator term) see chunks noised to t uniform in [0, dmd_gan_t_max]: above
-    # about t = 15 it stayed at chance on Push-T (bench/dmd_gan_probe.py); its head learns at dmd_head_lr
-    dmd_gan_t_max: int = 10
-    dmd_head_lr: float = 1.0e-3
 
 
 @dataclass
@@ -350,10 +340,6 @@ def validate(cfg: RunConfig) -> None:
         ("target_ema_decay", 0.0 <= d.target_ema_decay < 1.0, "in [0, 1)"),
         ("dmd_fake_updates", d.dmd_fake_updates >= 1, ">= 1"),
         ("dmd_fake_lr", d.dmd_fake_lr > 0, "> 0"),
-        ("dmd_gan_weight", d.dmd_gan_weight >= 0, ">= 0"),
-        ("dmd_disc_weight", d.dmd_disc_weight > 0, "> 0"),
-        ("dmd_gan_t_max", 0 <= d.dmd_gan_t_max < p.scheduler.num_train_timesteps, "a training timestep"),
-        ("dmd_head_lr", d.dmd_head_lr > 0, "> 0"),
     ):
         if not ok:
             raise ConfigError(f"distill.{key}={getattr(d, key)!r} must be {rule}")
@@ -361,11 +347,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"distill.dmd_t_min={d.dmd_t_min} / dmd_t_max={d.dmd_t_max} must satisfy 0 <= dmd_t_min <= "
             f"dmd_t_max < policy.scheduler.num_train_timesteps={p.scheduler.num_train_timesteps}"
-        )
-    if d.dmd_gan_weight > 0 and p.net != "unet":
-        raise ConfigError(
-            f"distill.dmd_gan_weight={d.dmd_gan_weight} puts its discriminator on the U-Net's bottleneck; "
-            f"policy.net={p.net!r} has none: set it to 0"
         )
     skip = p.scheduler.num_train_timesteps // grid
     if d.solver_substeps < 1 or skip % d.solver_substeps:

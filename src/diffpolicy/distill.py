@@ -483,61 +483,8 @@ class ConsistencyDistillation(nn.Module):
         return t, x_t, f_target
 
 
-class FakeCritic(nn.Module):
-    """The fake score network, plus (with the GAN term) a discriminator head on its U-Net's bottleneck.
-
-    One module so that one optimizer and, under torchrun, one DDP wrapper cover both; `forward` is its
-    whole training loss on a batch of 1-step chunks. The head reads the U-Net's bottleneck (down path and
-    mid blocks), which already carries the timestep and observation through FiLM, as DMD2 puts its
-    classifier on the fake network's encoder.
-    """
-
-    def __init__(self, teacher: DiffusionPolicy, gan: bool) -> None:
-        super().__init__()
-        self.policy = copy.deepcopy(teacher).requires_grad_(True).train()
-        self.head: nn.Module | None = None
-        if gan:
-            net = self.policy.net
-            width, levels = net.down_dims[-1], len(net.down_dims)
-            length = self.policy.horizon // 2 ** (levels - 1)
-            self.head = nn.Sequential(
-                nn.GroupNorm(teacher.cfg.unet.n_groups, width),
-                nn.Mish(),
-                nn.Flatten(),
-                nn.Linear(width * length, 1),
-            )
-
-    def logits(self, chunk: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """(B,) discriminator logits ("a demonstration") for normalized chunks noised to per-sample t."""
-        x_t = self.policy.noise_scheduler.add_noise(chunk, torch.randn_like(chunk), t)
-        return self.head(self.policy.net.bottleneck(x_t, t, cond)).squeeze(-1)
-
-    def forward(
-        self,
-        chunk: torch.Tensor,
-        batch: dict[str, Any],
-        real: torch.Tensor | None = None,
-        real_weight: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-        disc_weight: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's DDPM loss on `chunk`, plus disc_weight x the discriminator's loss between `real`
-        (normalized demonstration chunks, each counted with its real_weight) and `chunk`, both noised to
-        t. Returns (total, discriminator loss); the latter is 0 without the head."""
-        loss = self.policy({**batch, "action": self.policy.normalizer.unnormalize("action", chunk)})
-        if self.head is None:
-            return loss, torch.zeros_like(loss)
-        cond = self.policy.global_cond(self.policy.encode_obs(batch["obs"]))
-        logit = self.logits(torch.cat([real, chunk]), t.repeat(2), cond.repeat(2, 1))
-        logit_real, logit_fake = logit.chunk(2)
-        w = real_weight.to(logit.dtype)
-        disc = (F.softplus(-logit_real) * w).sum() / w.sum().clamp(min=1) + F.softplus(logit_fake).mean()
-        return loss + disc_weight * disc, disc
-
-
 class FakeScore:
-    """DMD's "fake" score network (a FakeCritic): a copy of the teacher that keeps learning the student's
-    1-step chunks, with its own optimizer.
+    """DMD's "fake" score network: a copy of the teacher that keeps learning the student's 1-step chunks.
 
     Deliberately not an nn.Module attribute of the loss: it has its own optimizer and backward passes, and
     DistributedDataParallel around the loss would otherwise expect the student's backward to give it
@@ -545,69 +492,34 @@ class FakeScore:
     student's. No library ships this piece (diffusers' DMD code lives in research scripts, not an API).
     """
 
-    def __init__(
-        self, teacher: DiffusionPolicy, lr: float, distributed: bool, gan: bool = False, head_lr: float = 1e-3
-    ) -> None:
-        self.critic = FakeCritic(teacher, gan)
-        self.net = self.critic.policy
-        groups = [{"params": list(self.net.parameters()), "lr": lr}]
-        if self.critic.head is not None:
-            groups.append({"params": list(self.critic.head.parameters()), "lr": head_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        self.model: nn.Module = self.critic
+    def __init__(self, teacher: DiffusionPolicy, lr: float, distributed: bool) -> None:
+        self.net = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
+        self.model: nn.Module = self.net
         if distributed:
             ids = [self.net.device.index] if self.net.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.critic, device_ids=ids)
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
 
-    def step(self, chunk: torch.Tensor, batch: dict[str, Any], **disc: Any) -> torch.Tensor:
-        """One optimizer step of the teacher's own DDPM loss on `chunk` (normalized generated actions),
-        plus the discriminator's term when `disc` (FakeCritic.forward's real / real_weight / t /
-        disc_weight) is given. Returns the DDPM loss; the discriminator's is kept in self.disc_loss."""
+    def step(self, chunk: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step of the teacher's own DDPM loss on `chunk` (normalized generated actions)."""
+        action = self.net.normalizer.unnormalize("action", chunk)
         with torch.enable_grad():
-            loss, disc_loss = self.model(chunk, batch, **disc)
+            loss = self.model({**batch, "action": action})
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
-        self.disc_loss = disc_loss.detach()
-        return (loss - disc.get("disc_weight", 0.0) * disc_loss).detach()
+        return loss.detach()
 
     def clean_estimate(
         self, x_t: torch.Tensor, t: torch.Tensor, obs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         return clean_estimate(self.net, x_t, t, obs)
 
-    def generator_gradient(
-        self, chunk: torch.Tensor, t: torch.Tensor, obs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The non-saturating generator loss mean softplus(-D(chunk noised to t)) and its gradient with
-        respect to `chunk`, through the critic with its parameters held fixed (they get no gradient, and
-        no DDP hook of the critic fires inside the student's step)."""
-        x = chunk.detach().requires_grad_(True)
-        self.critic.requires_grad_(False)
-        try:
-            with torch.enable_grad():
-                cond = self.net.global_cond(self.net.encode_obs(obs))
-                gen = F.softplus(-self.critic.logits(x, t, cond)).mean()
-                (grad,) = torch.autograd.grad(gen, x)
-        finally:
-            self.critic.requires_grad_(True)
-        return gen.detach(), grad
-
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.critic.head is not None:
-            state["head"] = self.critic.head.state_dict()
-        return state
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (self.critic.head is None) != ("head" not in state):
-            raise CheckpointError(
-                "this run's fake score network was saved with a different distill.dmd_gan_weight setting "
-                "(with / without the discriminator head): use a fresh --run-dir"
-            )
         self.net.load_state_dict(state["model"])
-        if self.critic.head is not None:
-            self.critic.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
 
 
@@ -632,8 +544,7 @@ class DistributionMatching(nn.Module):
     ) -> None:
         super().__init__()
         self.student, self.teacher, self.cfg = student, teacher, cfg
-        self.gan = cfg.dmd_gan_weight > 0
-        self.fake = FakeScore(teacher, cfg.dmd_fake_lr, distributed, gan=self.gan, head_lr=cfg.dmd_head_lr)
+        self.fake = FakeScore(teacher, cfg.dmd_fake_lr, distributed)
         self.top = student.cfg.scheduler.num_train_timesteps - 1
         self.terms: dict[str, torch.Tensor] = {}
 
@@ -643,34 +554,22 @@ class DistributionMatching(nn.Module):
         top = torch.full((shape[0],), self.top, device=cond.device)
         return self.student.consistency_output(z, top, cond)[0]
 
-    def score_times(self, n: int, device: torch.device) -> torch.Tensor:
-        return torch.randint(self.cfg.dmd_t_min, self.cfg.dmd_t_max + 1, (n,), device=device)
-
-    def gan_times(self, n: int, device: torch.device) -> torch.Tensor:
-        return torch.randint(0, self.cfg.dmd_gan_t_max + 1, (n,), device=device)
-
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         student, obs = self.student, batch["obs"]
         x_data = student.normalizer.normalize("action", batch["action"])
         mask = student.loss_mask(batch, x_data, None)
-        m = mask.to(x_data.dtype)
         cond = student.global_cond(student.encode_obs(obs))
-        disc: dict[str, Any] = {}
-        if self.gan:  # demonstrations with padded actions are not shown as real: 1-step chunks never pad
-            real_weight = m.flatten(1).all(1)
-            disc = {"real": x_data, "real_weight": real_weight, "disc_weight": self.cfg.dmd_disc_weight}
         for _ in range(self.cfg.dmd_fake_updates):
             with torch.no_grad():
                 chunk = self.generate(cond, x_data.shape)
-            if self.gan:
-                disc["t"] = self.gan_times(chunk.shape[0], chunk.device)
-            fake_loss = self.fake.step(chunk, batch, **disc)
+            fake_loss = self.fake.step(chunk, batch)
         x = self.generate(cond, x_data.shape)
-        t = self.score_times(x.shape[0], x.device)
+        t = torch.randint(self.cfg.dmd_t_min, self.cfg.dmd_t_max + 1, (x.shape[0],), device=x.device)
         with torch.no_grad():
             x_t = self.teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)
             real = clean_estimate(self.teacher, x_t, t, obs)
             fake = self.fake.clean_estimate(x_t, t, obs)
+            m = mask.to(x.dtype)
             # DMD's per-sample normalization, over the sample's real (unpadded) actions
             scale = ((x - real).abs() * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
             grad = (fake - real) / scale.clamp(min=1e-4).view(-1, 1, 1)
@@ -680,16 +579,6 @@ class DistributionMatching(nn.Module):
             "train/dmd_grad": (grad.abs() * m).sum() / m.sum().clamp(min=1),
             "train/data_mse": student.masked_mse(x.detach(), x_data, mask),  # a diagnostic only
         }
-        if self.gan:
-            gen, gen_grad = self.fake.generator_gradient(x, self.gan_times(x.shape[0], x.device), obs)
-            # the generator loss's gradient on the chunk, applied through the student (x's graph)
-            loss = loss + self.cfg.dmd_gan_weight * (x * gen_grad).sum()
-            dmd_grad = (grad * m / m.numel()).norm()  # |d loss / d x| of the DMD term above
-            self.terms |= {
-                "train/gen_loss": gen,
-                "train/disc_loss": self.fake.disc_loss,
-                "train/gan_to_dmd": self.cfg.dmd_gan_weight * gen_grad.norm() / dmd_grad.clamp(min=1e-12),
-            }
         return loss
 
 

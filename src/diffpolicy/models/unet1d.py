@@ -191,29 +191,6 @@ class ConditionalUnet1D(nn.Module):
         """Predict (B, T, input_dim) from sample (B, T, input_dim), a scalar or (B,) timestep and
         global_cond (B, global_cond_dim), which must be None when the net has no global condition.
         stop_timestep (scalar or (B,)) is required by, and only accepted by, a net with stop_time_embed."""
-        x, skips, cond = self._encode(sample, timestep, global_cond, stop_timestep)
-        # The deepest skip sits at the mid resolution; the shallowest is never re-used (as published).
-        for res1, res2, upsample in self.up_modules:
-            x = torch.cat([x, skips.pop()], dim=1)
-            x = upsample(res2(res1(x, cond), cond))
-        x = self.final_conv(x)
-        return x.transpose(1, 2)
-
-    def bottleneck(
-        self, sample: Tensor, timestep: Tensor | int | float, global_cond: Tensor | None = None
-    ) -> Tensor:
-        """The mid blocks' output, (B, down_dims[-1], T // 2**(len(down_dims)-1)): the down path alone,
-        e.g. as the features of a discriminator on the same inputs (DMD2's GAN term)."""
-        return self._encode(sample, timestep, global_cond, None)[0]
-
-    def _encode(
-        self,
-        sample: Tensor,
-        timestep: Tensor | int | float,
-        global_cond: Tensor | None,
-        stop_timestep: Tensor | int | float | None,
-    ) -> tuple[Tensor, list[Tensor], Tensor]:
-        """Down path and mid blocks: (features, skips, FiLM condition)."""
         self._check_inputs(sample, global_cond)
         batch_size = sample.shape[0]
         t = expand_timesteps(timestep, batch_size, sample.device)
@@ -236,7 +213,12 @@ class ConditionalUnet1D(nn.Module):
             x = downsample(x)
         for res in self.mid_modules:
             x = res(x, cond)
-        return x, skips, cond
+        # The deepest skip sits at the mid resolution; the shallowest is never re-used (as published).
+        for res1, res2, upsample in self.up_modules:
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = upsample(res2(res1(x, cond), cond))
+        x = self.final_conv(x)
+        return x.transpose(1, 2)
 
     def _check_inputs(self, sample: Tensor, global_cond: Tensor | None) -> None:
         if sample.ndim != 3 or sample.shape[-1] != self.input_dim:
