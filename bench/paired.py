@@ -6,7 +6,13 @@ Two policies evaluated on the same seeds (`diffpolicy eval --episodes N`, same e
 start state, so the fair test of "A succeeds more often than B" looks only at the discordant episodes
 (A wins, B loses, or the reverse): an exact two-sided sign test (McNemar's exact test) on those. With 200
 episodes and success rates near 0.7 the unpaired 95% intervals are +-0.065 wide, while a paired test
-often separates two policies 0.05 apart. Prints success rates, the two discordant counts and p.
+often separates two policies 0.05 apart. Prints success rates, their ratio A / B, the two discordant
+counts and p.
+
+Either side may be several reports joined by commas (evaluations of one policy on disjoint seed ranges,
+e.g. `--episodes 200` at eval.seed=100000 and at eval.seed=100200): they are pooled into one.
+
+    python bench/paired.py A_100000/report.json,A_100200/report.json B_100000/report.json,B_100200/report.json
 """
 
 from __future__ import annotations
@@ -26,17 +32,25 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def load(path: Path) -> dict[int, bool]:
-    report = json.loads(path.read_text())
-    if "episodes" not in report:
-        raise SystemExit(f"{path}: no per-episode results (an evaluation report.json has an 'episodes' list)")
-    return {e["seed"]: bool(e["success"]) for e in report["episodes"]}
+def load(paths: str) -> dict[int, bool]:
+    """Per-seed success of one or more comma-separated report.json files (disjoint seeds, pooled)."""
+    pooled: dict[int, bool] = {}
+    for path in map(Path, paths.split(",")):
+        report = json.loads(path.read_text())
+        if "episodes" not in report:
+            raise SystemExit(f"{path}: no per-episode results (`diffpolicy eval` writes them)")
+        episodes = {e["seed"]: bool(e["success"]) for e in report["episodes"]}
+        if overlap := pooled.keys() & episodes.keys():
+            first = sorted(overlap)[:3]
+            raise SystemExit(f"{path}: seeds {first}... already in an earlier report: pool disjoint ranges")
+        pooled.update(episodes)
+    return pooled
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("a", type=Path, help="report.json of the first evaluation")
-    ap.add_argument("b", type=Path, help="report.json of the second evaluation")
+    ap.add_argument("a", help="report.json of the first evaluation (or several, comma-separated)")
+    ap.add_argument("b", help="report.json of the second evaluation (or several, comma-separated)")
     args = ap.parse_args()
     a, b = load(args.a), load(args.b)
     if a.keys() != b.keys():
@@ -49,6 +63,8 @@ def main() -> None:
     n = len(a)
     print(f"A {args.a}: success {sum(a.values()) / n:.3f}")
     print(f"B {args.b}: success {sum(b.values()) / n:.3f}")
+    if sum(b.values()):
+        print(f"A / B = {sum(a.values()) / sum(b.values()):.3f}")
     p = sign_test(only_a, only_b)
     print(f"{n} episodes; only A succeeds: {only_a}, only B: {only_b}; sign test p = {p:.3g}")
 
