@@ -25,6 +25,14 @@ def test_collection_seeds_may_not_reach_evaluation_seeds(tmp_path, capsys):
     assert "overlap the evaluation seeds" in capsys.readouterr().err
 
 
+def test_collection_seeds_may_not_reach_validation_seeds(tmp_path, capsys):
+    out = tmp_path / "d.zarr"
+    args = ["collect", "--task", "trajectory2d", "--episodes", "3", "--seed", "200005", "--out", str(out)]
+    assert main(args) == 2
+    assert "overlap the validation seeds (train.eval_seed) 200000..200009" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unknown_key_is_a_clear_error(capsys):
     assert main(["train", "--preset", "trajectory2d_lowdim_unet", "train.bach_size=3"]) == 2
     assert "unknown config key 'train.bach_size'" in capsys.readouterr().err

@@ -29,11 +29,12 @@ def test_dotted_overrides_are_typed():
         ("eval.n_envs=0", "eval.n_envs=0 >= 1"),
         ("eval.noise_scale=-0.5", "eval.noise_scale=-0.5 must be >= 0"),
         ("eval.noise_scale=nan", "eval.noise_scale=nan must be >= 0"),
+        ("train.eval_every=10 train.eval_seed=100040", "overlap the final evaluation's"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
-        load_config("trajectory2d_lowdim_unet", [override])
+        load_config("trajectory2d_lowdim_unet", override.split(" "))
 
 
 def test_unknown_preset():

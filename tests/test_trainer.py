@@ -42,6 +42,27 @@ def test_run_folder_holds_everything(tmp_path, traj_store):
     assert any("val/loss" in r for r in rows) and any("train/loss" in r for r in rows)
 
 
+def test_periodic_evaluations_rank_checkpoints_on_validation_seeds(tmp_path, traj_store):
+    """train.eval_every: evaluations on train.eval_seed's range (val/...) pick the top k, the last step's
+    included; the final evaluation runs on eval.seed's range (eval/...) and picks nothing."""
+    periodic_args = ("train.eval_every=8", "train.eval_episodes=2", "train.top_k=5")
+    cfg = make_cfg(traj_store, "train.num_steps=12", *periodic_args)
+    Trainer(cfg, tmp_path / "run").fit()
+    run = tmp_path / "run"
+    periodic = sorted(p.name for p in (run / "eval_during_training").iterdir())
+    assert periodic == ["step0000008", "step0000012"]
+    for name in periodic:
+        report = json.loads((run / "eval_during_training" / name / "report.json").read_text())
+        assert [e["seed"] for e in report["episodes"]] == [200_000, 200_001]
+    final = json.loads((run / "eval" / "report.json").read_text())
+    assert final["episodes"][0]["seed"] == 100_000 and final["n_episodes"] == 2
+    topk = sorted(p.name[:12] for p in (run / "checkpoints" / "topk").iterdir())
+    assert topk == ["step=0000008", "step=0000012"]  # two validation entries, not a third from the final
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/success_rate" in r] == [8, 12]
+    assert [r["step"] for r in rows if "eval/success_rate" in r] == [12]
+
+
 class Interrupted(Exception):
     pass
 

@@ -48,18 +48,24 @@ def collect(
     """Collect `cfg.collect.n_episodes` expert episodes (successful ones unless keep_failed) into `output`.
 
     Seeds run from cfg.collect.seed upwards; failed episodes are skipped and replaced by the next seeds,
-    but the seed range may never reach the evaluation seeds (cfg.eval.seed and above).
+    but the seed range may never reach the evaluation seeds (cfg.eval.seed and above) nor the periodic
+    evaluations' validation seeds (cfg.train.eval_seed and above).
     """
     cc = cfg.collect
     n_wanted = cc.n_episodes
     if n_wanted < 1:
         raise ConfigError("collect.n_episodes must be >= 1")
-    seed_limit = cfg.eval.seed if cc.seed < cfg.eval.seed else None
-    if seed_limit is None and cc.seed <= cfg.eval.seed + cfg.eval.n_episodes:
-        raise ConfigError(
-            f"collection seeds from {cc.seed} would overlap the evaluation seeds "
-            f"{cfg.eval.seed}..{cfg.eval.seed + cfg.eval.n_episodes - 1}"
-        )
+    seed_limit = None
+    held_out = (
+        (cfg.eval.seed, cfg.eval.n_episodes, "evaluation seeds"),
+        (cfg.train.eval_seed, cfg.train.eval_episodes, "validation seeds (train.eval_seed)"),
+    )
+    for start, n, what in held_out:
+        if cc.seed < start:
+            seed_limit = start if seed_limit is None else min(seed_limit, start)
+        elif cc.seed <= start + n:
+            end = start + n - 1
+            raise ConfigError(f"collection seeds from {cc.seed} would overlap the {what} {start}..{end}")
     max_attempts = 2 * n_wanted + 20
     last = cc.seed + max_attempts if seed_limit is None else min(cc.seed + max_attempts, seed_limit)
     store = EpisodeStore.create(output, overwrite=overwrite)

@@ -161,6 +161,10 @@ class TrainConfig:
     val_every: int = 500
     eval_every: int = 0  # closed-loop evaluation during training; 0 = only the final one
     eval_episodes: int = 10  # rollouts per periodic evaluation (the final one uses eval.n_episodes)
+    # First seed of the periodic evaluations, which rank the top-k checkpoints: a validation range apart
+    # from the final evaluation's (eval.seed), so that no checkpoint is picked on the episodes it is then
+    # reported on. Both ranges stay above the collection seeds.
+    eval_seed: int = 200_000
     checkpoint_every: int = 1000
     top_k: int = 3
     num_workers: int = 0
@@ -364,6 +368,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"policy.normalization.{key}={mode!r} is not a normalization mode")
     if cfg.train.eval_every and cfg.train.eval_episodes < 1:
         raise ConfigError("train.eval_episodes must be >= 1 when train.eval_every is set")
+    tc, ec = cfg.train, cfg.eval
+    if tc.eval_every and ec.n_episodes and _overlap(tc.eval_seed, tc.eval_episodes, ec.seed, ec.n_episodes):
+        raise ConfigError(
+            f"the periodic evaluations' seeds (train.eval_seed={tc.eval_seed}, {tc.eval_episodes} episodes) "
+            f"overlap the final evaluation's (eval.seed={ec.seed}, {ec.n_episodes} episodes): checkpoints "
+            "would be ranked on the episodes they are reported on"
+        )
     if cfg.eval.n_episodes < 0 or cfg.eval.n_envs < 1:
         raise ConfigError(
             f"eval.n_episodes={cfg.eval.n_episodes} must be >= 0 and eval.n_envs={cfg.eval.n_envs} >= 1"
@@ -372,6 +383,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.noise_scale={cfg.eval.noise_scale!r} must be >= 0")
     if not 0.0 <= cfg.data.val_ratio < 1.0:
         raise ConfigError("data.val_ratio must be in [0, 1)")
+
+
+def _overlap(start_a: int, n_a: int, start_b: int, n_b: int) -> bool:
+    """Whether the seed ranges [start_a, start_a + n_a) and [start_b, start_b + n_b) share a seed."""
+    return start_a < start_b + n_b and start_b < start_a + n_a
 
 
 def available_presets() -> list[str]:

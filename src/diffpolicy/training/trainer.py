@@ -5,7 +5,13 @@ top-k and `latest` checkpoints, exact resume, and one run folder holding everyth
     <run_dir>/train.log         log lines; metrics.jsonl: one JSON line per logged step; tb/: tensorboard
     <run_dir>/checkpoints/latest          resumable (weights, optimizer, LR schedule, EMA, RNG, step)
     <run_dir>/checkpoints/topk/step=..-score=..   the k best by closed-loop score (inference only)
+    <run_dir>/eval_during_training/   periodic closed-loop evaluations (train.eval_every)
     <run_dir>/eval/             final closed-loop evaluation report, plots, videos
+
+Periodic evaluations run on a validation range of start states (train.eval_seed, logged as val/...) and
+rank the top-k checkpoints; the final one runs on the evaluation seeds (eval.seed, logged as eval/...), so
+a checkpoint is never picked on the episodes it is reported on. With train.eval_every=0 the final
+checkpoint is the only top-k entry.
 
 Multi-process / multi-GPU: launch the same command with `torchrun --nproc_per_node N -m diffpolicy.cli
 train ...`. PyTorch DDP (gloo on CPU, nccl on GPU) averages gradients; train.batch_size is the GLOBAL
@@ -17,6 +23,7 @@ order) for the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -369,14 +376,18 @@ class Trainer:
                 losses.append(policy.compute_loss(to_device(batch, self.device)).item())
         return float(np.mean(losses))
 
-    def closed_loop_eval(self, step: int, n_episodes: int, out_dir: Path) -> dict[str, Any]:
+    def closed_loop_eval(
+        self, step: int, n_episodes: int, out_dir: Path, seed: int | None = None
+    ) -> dict[str, Any]:
+        """Roll out the eval weights for n_episodes from `seed` (default eval.seed), RNG state untouched."""
         from diffpolicy.evaluation import evaluate
 
+        eval_cfg = self.cfg.eval if seed is None else dataclasses.replace(self.cfg.eval, seed=seed)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             report = evaluate(
                 self.eval_policy,
                 self.task,
-                self.cfg.eval,
+                eval_cfg,
                 out_dir,
                 n_episodes=n_episodes,
                 label=f"{self.cfg.name} step {step}",
@@ -513,11 +524,11 @@ class Trainer:
                     self._log_metrics(done, {"val/loss": val})
                     log.info("step %d val loss %.5f", done, val)
                 self.policy.train()
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.num_steps:
-                report = self.closed_loop_eval(
-                    done, tc.eval_episodes, self.run_dir / "eval_during_training" / f"step{done:07d}"
-                )
-                self._after_eval(done, report)
+            if tc.eval_every and (done % tc.eval_every == 0 or done == tc.num_steps):
+                # the last step too, so that the final weights compete for the top k on the same episodes
+                out = self.run_dir / "eval_during_training" / f"step{done:07d}"
+                report = self.closed_loop_eval(done, tc.eval_episodes, out, seed=tc.eval_seed)
+                self._after_eval(done, report, prefix="val")
                 self.policy.train()
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 self.save_latest(done)
@@ -532,19 +543,24 @@ class Trainer:
         """Components of the last training loss to log next to train/loss (none for plain training)."""
         return {}
 
-    def _after_eval(self, step: int, report: dict[str, Any]) -> None:
+    def _after_eval(self, step: int, report: dict[str, Any], prefix: str) -> None:
+        """Log a closed-loop evaluation as `prefix`/...; rank the checkpoint in the top k when it is a
+        periodic one (prefix val), or the final one of a run without periodic evaluations."""
         metrics = {
-            "eval/success_rate": report["success_rate"],
-            "eval/mean_max_reward": report["mean_max_reward"],
+            f"{prefix}/success_rate": report["success_rate"],
+            f"{prefix}/mean_max_reward": report["mean_max_reward"],
         }
         self._log_metrics(step, metrics)
         log.info(
-            "step %d eval success %.3f mean max reward %.3f",
+            "step %d %s success %.3f mean max reward %.3f (seeds from %d)",
             step,
-            metrics["eval/success_rate"],
-            metrics["eval/mean_max_reward"],
+            prefix,
+            report["success_rate"],
+            report["mean_max_reward"],
+            report["seeds"][0] if report.get("seeds") else -1,
         )
-        self._update_topk(step, report["mean_max_reward"], metrics)
+        if prefix == "val" or not self.cfg.train.eval_every:
+            self._update_topk(step, report["mean_max_reward"], metrics)
 
     def _finish(self) -> dict[str, Any]:
         tc = self.cfg.train
@@ -556,7 +572,7 @@ class Trainer:
             log.info("finished; final evaluation skipped (eval.n_episodes=0)")
         else:
             report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
-            self._after_eval(tc.num_steps, report)
+            self._after_eval(tc.num_steps, report, prefix="eval")
             self.save_latest(tc.num_steps)  # records the final top-k list too
             log.info(
                 "finished: success %.3f (95%% CI %.3f-%.3f) over %d episodes; report %s",
@@ -581,7 +597,7 @@ def plot_training_curves(metrics_file: Path, out: Path) -> Path | None:
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     series: dict[str, tuple[list, list]] = {}
     for row in rows:
-        for key in ("train/loss", "val/loss", "eval/success_rate"):
+        for key in ("train/loss", "val/loss", "val/success_rate", "eval/success_rate"):
             if key in row:
                 series.setdefault(key, ([], []))
                 series[key][0].append(row["step"])
@@ -593,8 +609,11 @@ def plot_training_curves(metrics_file: Path, out: Path) -> Path | None:
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].legend()
-    if "eval/success_rate" in series:
-        axes[1].plot(*series["eval/success_rate"], "o-")
+    for key, style in (("val/success_rate", "o-"), ("eval/success_rate", "s")):
+        if key in series:
+            axes[1].plot(*series[key], style, label=key)
+    if any(key in series for key in ("val/success_rate", "eval/success_rate")):
+        axes[1].legend()
     axes[1].set_ylim(-0.05, 1.05)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("closed-loop success rate")
