@@ -557,7 +557,7 @@ class Trainer:
             prefix,
             report["success_rate"],
             report["mean_max_reward"],
-            report["seeds"][0] if report.get("seeds") else -1,
+            report["seeds"][0],
         )
         if prefix == "val" or not self.cfg.train.eval_every:
             self._update_topk(step, report["mean_max_reward"], metrics)
