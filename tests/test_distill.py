@@ -1,6 +1,7 @@
 """Consistency distillation: the objective's pieces, a tiny teacher -> student run, sampling, errors."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -615,6 +616,37 @@ def test_dmd_moves_chunks_from_the_fake_towards_the_teacher(v_pair, monkeypatch)
         assert torch.allclose(x.grad[row], x.grad[row, 0, 0].expand_as(x.grad[row]), rtol=1e-5)
 
 
+def test_dmd_regression_pulls_the_chunk_to_the_teachers_ode_solve(v_pair, monkeypatch):
+    """With distill.dmd_regression_weight = w and the distribution term at zero (the fake is the teacher),
+    the loss is w * masked_mse(x, ODE(z)): the student's chunk x from noise z against the teacher's DDIM
+    chain from the same z, one grid step per call from the top of the grid to the clean end."""
+    dmd, batch = dmd_loss_module(v_pair)
+    dmd.cfg = dataclasses.replace(dmd.cfg, dmd_regression_weight=3.0)
+    monkeypatch.setattr(dmd.fake, "step", lambda chunk, batch: torch.zeros(()))
+    noises = []
+    generate = dmd.generate
+    monkeypatch.setattr(dmd, "generate", lambda cond, z: noises.append(z) or generate(cond, z))
+    torch.manual_seed(0)
+    loss = dmd(batch)
+    z = noises[-1]  # the noise of the chunk with gradients (the fake's chunks come first)
+    student, teacher = dmd.student, dmd.teacher
+    with torch.no_grad():
+        x = generate(student.global_cond(student.encode_obs(batch["obs"])), z)
+        cond = teacher.global_cond(teacher.encode_obs(batch["obs"]))
+        ode, skip = z.clone(), (dmd.top + 1) // dmd.grid_size
+        for t in range(dmd.top, -1, -skip):  # an independent chain of the teacher's DDIM steps
+            now = torch.full((4,), t)
+            ode = ddim_step(teacher, ode, now, now - skip, cond)
+    mask = student.loss_mask(batch, student.normalizer.normalize("action", batch["action"]), None)
+    regression = student.masked_mse(x, ode, mask)
+    assert regression > 0
+    assert torch.allclose(dmd.terms["train/regression_mse"], regression, rtol=1e-5)
+    assert torch.allclose(loss, 3.0 * regression, rtol=1e-5)  # the distribution term is exactly zero here
+    # without the weight the term is neither computed nor logged
+    dmd.cfg = dataclasses.replace(dmd.cfg, dmd_regression_weight=0.0)
+    assert dmd(batch).item() == 0.0 and "train/regression_mse" not in dmd.terms
+
+
 def test_dmd_fine_tunes_resumes_and_exports_a_student(v_pair, tmp_path):
     teacher, cm = v_pair
     cfg = distill_config(
@@ -667,9 +699,12 @@ def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
         ("distill.dmd_t_min=-1", "dmd_t_min=-1"),
         ("distill.dmd_fake_updates=0", "dmd_fake_updates=0 must be >= 1"),
         ("distill.dmd_fake_lr=0", "dmd_fake_lr=0"),
+        ("distill.dmd_regression_weight=-1", "dmd_regression_weight=-1.0 must be >= 0"),
     ):
         with pytest.raises(ConfigError, match=match):
             distill_config(v_pair[0], ["distill.objective=dmd", bad])
+    with pytest.raises(ConfigError, match="a term of distill.objective=dmd, not of 'cm'"):
+        distill_config(v_pair[0], ["distill.dmd_regression_weight=1"])
     # a cm run's folder does not resume as dmd
     cm_cfg = distill_config(v_pair[0], [*DISTILL, "distill.num_steps=2", "eval.n_episodes=0"])
     DistillTrainer(cm_cfg, tmp_path / "cm").fit()

@@ -219,6 +219,11 @@ class DistillConfig:
     dmd_fake_lr: float = 1.0e-4
     dmd_t_min: int = 2
     dmd_t_max: int = 97
+    # DMD's regression term (Yin et al. 2024): weight of ||x - ODE(z)||^2, the student's 1-step chunk from
+    # noise z against the teacher's DDIM solve from the same z along the consistency grid (10 teacher
+    # calls per step, no gradients). It anchors the student to the teacher's noise-to-chunk map while the
+    # distribution term moves it; 0 (default) is DMD without it, as DMD2 / One-Step Diffusion Policy.
+    dmd_regression_weight: float = 0.0
 
 
 @dataclass
@@ -344,9 +349,15 @@ def validate(cfg: RunConfig) -> None:
         ("target_ema_decay", 0.0 <= d.target_ema_decay < 1.0, "in [0, 1)"),
         ("dmd_fake_updates", d.dmd_fake_updates >= 1, ">= 1"),
         ("dmd_fake_lr", d.dmd_fake_lr > 0, "> 0"),
+        ("dmd_regression_weight", d.dmd_regression_weight >= 0, ">= 0"),
     ):
         if not ok:
             raise ConfigError(f"distill.{key}={getattr(d, key)!r} must be {rule}")
+    if d.dmd_regression_weight > 0 and d.objective != "dmd":
+        raise ConfigError(
+            f"distill.dmd_regression_weight={d.dmd_regression_weight} is a term of distill.objective=dmd, "
+            f"not of {d.objective!r}"
+        )
     if not 0 <= d.dmd_t_min <= d.dmd_t_max < p.scheduler.num_train_timesteps:
         raise ConfigError(
             f"distill.dmd_t_min={d.dmd_t_min} / dmd_t_max={d.dmd_t_max} must satisfy 0 <= dmd_t_min <= "

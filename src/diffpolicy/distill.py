@@ -108,7 +108,11 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   moved along g = (x0_fake(x_t) - x0_teacher(x_t)) / mean|x - x0_teacher(x_t)|: the gradient of the KL
   between the two noised distributions in clean-chunk units, with DMD's per-sample normalization,
   written as the loss 0.5 ||x - stopgrad(x - g)||^2 (masked like the others). The teacher must predict
-  v: its clean estimates near t = T are ill-conditioned otherwise.
+  v: its clean estimates near t = T are ill-conditioned otherwise;
+* optionally (distill.dmd_regression_weight > 0) DMD's regression term: w ||x - ODE(z)||^2 against the
+  teacher's DDIM chain from the same noise z along the consistency grid (the CM student's 1-step target),
+  which keeps the student near the teacher's noise-to-chunk map; it costs the grid's 10 teacher calls
+  per step (about 1.7x a DMD step on CPU).
 There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
 (1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
 1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair
@@ -546,13 +550,22 @@ class DistributionMatching(nn.Module):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.fake = FakeScore(teacher, cfg.dmd_fake_lr, distributed)
         self.top = student.cfg.scheduler.num_train_timesteps - 1
+        self.grid_size = student.cfg.consistency.original_inference_steps
         self.terms: dict[str, torch.Tensor] = {}
 
-    def generate(self, cond: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The student's 1-step chunk from fresh noise (normalized, unclipped; gradients if enabled)."""
-        z = torch.randn(shape, device=cond.device, dtype=cond.dtype)
-        top = torch.full((shape[0],), self.top, device=cond.device)
+    def generate(self, cond: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The student's 1-step chunk from noise z (normalized, unclipped; gradients if enabled)."""
+        top = torch.full((z.shape[0],), self.top, device=z.device)
         return self.student.consistency_output(z, top, cond)[0]
+
+    def ode_chunk(self, z: torch.Tensor, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's DDIM solve from noise z at the top of the grid to the clean end, one grid step
+        per call: the chunk a consistency student's 1-step map is distilled towards (the regression term)."""
+        n, skip = z.shape[0], (self.top + 1) // self.grid_size
+        cond = self.teacher.global_cond(self.teacher.encode_obs(obs))
+        top = torch.full((n,), self.top, device=z.device)
+        steps = torch.full((n,), self.grid_size, device=z.device)
+        return teacher_solve(self.teacher, z, top, steps, skip, cond)[0]
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         student, obs = self.student, batch["obs"]
@@ -561,9 +574,10 @@ class DistributionMatching(nn.Module):
         cond = student.global_cond(student.encode_obs(obs))
         for _ in range(self.cfg.dmd_fake_updates):
             with torch.no_grad():
-                chunk = self.generate(cond, x_data.shape)
+                chunk = self.generate(cond, torch.randn_like(x_data))
             fake_loss = self.fake.step(chunk, batch)
-        x = self.generate(cond, x_data.shape)
+        z = torch.randn_like(x_data)
+        x = self.generate(cond, z)
         t = torch.randint(self.cfg.dmd_t_min, self.cfg.dmd_t_max + 1, (x.shape[0],), device=x.device)
         with torch.no_grad():
             x_t = self.teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)
@@ -579,6 +593,12 @@ class DistributionMatching(nn.Module):
             "train/dmd_grad": (grad.abs() * m).sum() / m.sum().clamp(min=1),
             "train/data_mse": student.masked_mse(x.detach(), x_data, mask),  # a diagnostic only
         }
+        if self.cfg.dmd_regression_weight > 0:
+            with torch.no_grad():
+                ode = self.ode_chunk(z, obs)
+            regression = student.masked_mse(x, ode, mask)
+            loss = loss + self.cfg.dmd_regression_weight * regression
+            self.terms["train/regression_mse"] = regression.detach()
         return loss
 
 
