@@ -220,9 +220,9 @@ class DistillConfig:
     dmd_t_min: int = 2
     dmd_t_max: int = 97
     # DMD's regression term (Yin et al. 2024): weight of ||x - ODE(z)||^2, the student's 1-step chunk from
-    # noise z against the teacher's DDIM solve from the same z along the consistency grid (10 teacher
-    # calls per step, no gradients). It anchors the student to the teacher's noise-to-chunk map while the
-    # distribution term moves it; 0 (default) is DMD without it, as DMD2 / One-Step Diffusion Policy.
+    # noise z against the teacher's DDIM solve from the same z along the consistency grid (a teacher call
+    # per grid point per step, no gradients). It anchors the student to the teacher's noise-to-chunk map
+    # while the distribution term moves it; 0 (default) is DMD without it (DMD2, One-Step Diffusion Policy).
     dmd_regression_weight: float = 0.0
 
 

@@ -111,7 +111,7 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   v: its clean estimates near t = T are ill-conditioned otherwise;
 * optionally (distill.dmd_regression_weight > 0) DMD's regression term: w ||x - ODE(z)||^2 against the
   teacher's DDIM chain from the same noise z along the consistency grid (the CM student's 1-step target),
-  which keeps the student near the teacher's noise-to-chunk map; it costs the grid's 10 teacher calls
+  which keeps the student near the teacher's noise-to-chunk map; it costs a teacher call per grid point
   per step (about 1.8x a DMD step on CPU). On Push-T (4.2M pair, 30,000-step teacher, four seeds, w = 2)
   it makes the students the closest yet to the teacher's map, with its spread and smoothness, but 1-step
   success is level with plain DMD (0.714 vs 0.721 over 400 episodes; BENCHMARKS.md), so it is off by default.
