@@ -602,7 +602,7 @@ def test_dmd_moves_chunks_from_the_fake_towards_the_teacher(v_pair, monkeypatch)
     torch.manual_seed(0)
     assert dmd(batch).item() == 0.0
     x = torch.randn(4, dmd.student.cfg.horizon, 2, requires_grad=True)
-    monkeypatch.setattr(dmd, "generate", lambda cond, shape: x if torch.is_grad_enabled() else x.detach())
+    monkeypatch.setattr(dmd, "generate", lambda cond, z: x if torch.is_grad_enabled() else x.detach())
     real_estimate = dmd.fake.clean_estimate
     monkeypatch.setattr(dmd.fake, "clean_estimate", lambda x_t, t, obs: real_estimate(x_t, t, obs) + 0.1)
     loss = dmd(batch)

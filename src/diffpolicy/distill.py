@@ -569,6 +569,14 @@ class DistributionMatching(nn.Module):
         steps = torch.full((n,), self.grid_size, device=z.device)
         return teacher_solve(self.teacher, z, top, steps, skip, cond)[0]
 
+    def regression(
+        self, x: torch.Tensor, z: torch.Tensor, obs: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The regression term's masked mean squared error between chunk x (from noise z) and ODE(z)."""
+        with torch.no_grad():
+            ode = self.ode_chunk(z, obs)
+        return self.student.masked_mse(x, ode, mask)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         student, obs = self.student, batch["obs"]
         x_data = student.normalizer.normalize("action", batch["action"])
@@ -596,9 +604,7 @@ class DistributionMatching(nn.Module):
             "train/data_mse": student.masked_mse(x.detach(), x_data, mask),  # a diagnostic only
         }
         if self.cfg.dmd_regression_weight > 0:
-            with torch.no_grad():
-                ode = self.ode_chunk(z, obs)
-            regression = student.masked_mse(x, ode, mask)
+            regression = self.regression(x, z, obs, mask)
             loss = loss + self.cfg.dmd_regression_weight * regression
             self.terms["train/regression_mse"] = regression.detach()
         return loss
