@@ -20,6 +20,7 @@ from diffpolicy.distill import (
     DistillTrainer,
     DistributionMatching,
     TeacherError,
+    clean_estimate,
     ddim_step,
     distill_config,
     load_teacher,
@@ -647,6 +648,45 @@ def test_dmd_regression_pulls_the_chunk_to_the_teachers_ode_solve(v_pair, monkey
     assert dmd(batch).item() == 0.0 and "train/regression_mse" not in dmd.terms
 
 
+def test_sid_loss_is_the_fisher_form_with_gradients_through_both_score_networks(v_pair, monkeypatch):
+    """distill.dmd_divergence=fisher: the loss is mean(mask * d * ((x0_teacher - x) - alpha d) / scale),
+    d = x0_teacher - x0_fake at x_t; zero with a zero gradient while the fake is the teacher; its gradient
+    reaches the chunk through the teacher's clean estimate (so it is not DMD's), and never the fake's
+    weights, which stay trainable."""
+    dmd, batch = dmd_loss_module(v_pair)
+    dmd.cfg = dataclasses.replace(dmd.cfg, dmd_divergence="fisher", sid_alpha=1.2)
+    obs, teacher = batch["obs"], dmd.teacher
+    mask = dmd.student.loss_mask(batch, dmd.student.normalizer.normalize("action", batch["action"]), None)
+    torch.manual_seed(0)
+    x = torch.randn(4, dmd.student.cfg.horizon, 2, requires_grad=True)
+    t = torch.tensor([2, 30, 60, 97])
+    x_t = teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)
+    loss, _ = dmd.fisher_loss(x, x_t, t, obs, mask)  # the fake network is still the teacher
+    loss.backward()
+    assert loss.item() == 0.0 and torch.allclose(x.grad, torch.zeros_like(x), atol=1e-7)
+    assert all(p.grad is None and p.requires_grad for p in dmd.fake.net.parameters())
+
+    real_estimate = dmd.fake.clean_estimate
+    monkeypatch.setattr(dmd.fake, "clean_estimate", lambda x_t, t, obs: real_estimate(x_t, t, obs) + 0.1)
+    x.grad = None
+    x_t = teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)
+    loss, gap = dmd.fisher_loss(x, x_t, t, obs, mask)
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+    # an independent statement of the same loss, d = -0.1 everywhere
+    real = clean_estimate(teacher, x_t, t, obs)
+    m = mask.float()
+    scale = ((x - real).detach().abs() * m).sum((1, 2)) / m.sum((1, 2))
+    expected = (-0.1 * ((real - x) + 1.2 * 0.1) / scale.view(-1, 1, 1) * m).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert torch.allclose(gap, ((0.1 / scale).view(-1, 1, 1) * m).sum() / m.sum(), rtol=1e-5)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-8)
+    # DMD's gradient for the same gap: (x0_fake - x0_teacher) / scale, no Jacobian of the teacher
+    dmd_grad = (0.1 / scale).view(-1, 1, 1) * m / m.numel()
+    assert not torch.allclose(grad, dmd_grad, rtol=1e-2)
+    assert all(p.grad is None and p.requires_grad for p in dmd.fake.net.parameters())
+
+
 def test_dmd_fine_tunes_resumes_and_exports_a_student(v_pair, tmp_path):
     teacher, cm = v_pair
     cfg = distill_config(
@@ -690,6 +730,26 @@ def test_dmd_fine_tunes_resumes_and_exports_a_student(v_pair, tmp_path):
         assert torch.isfinite(action).all() and (action >= low - 1e-4).all() and (action <= high + 1e-4).all()
 
 
+def test_sid_fine_tunes_a_student(v_pair, tmp_path):
+    """A short distill.dmd_divergence=fisher run: finite losses and terms, a student that moved."""
+    teacher, cm = v_pair
+    overrides = [*DISTILL, *DMD, f"distill.init_student={cm}", "distill.num_steps=6"]
+    cfg = distill_config(teacher, [*overrides, "distill.dmd_divergence=fisher"])
+    DistillTrainer(cfg, tmp_path / "sid").fit()
+    rows = [json.loads(line) for line in (tmp_path / "sid" / "metrics.jsonl").read_text().splitlines()]
+    terms = [r for r in rows if "train/dmd_grad" in r]
+    assert len(terms) == 6 and all(
+        torch.isfinite(torch.tensor([r["train/loss"], r["train/fake_loss"], r["train/dmd_grad"]])).all()
+        for r in terms
+    )
+    student, student_cfg = load_policy(tmp_path / "sid" / "checkpoints" / "latest")
+    assert student_cfg.distill.dmd_divergence == "fisher"
+    cm_state = load_policy(cm)[0].state_dict()
+    assert any(
+        not torch.equal(v, student.state_dict()[k]) for k, v in cm_state.items() if k.startswith("net.")
+    )
+
+
 def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
     cfg = distill_config(teacher, [*DISTILL, *DMD, "distill.num_steps=1"])
     with pytest.raises(TeacherError, match="prediction_type=v_prediction"):
@@ -700,11 +760,15 @@ def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
         ("distill.dmd_fake_updates=0", "dmd_fake_updates=0 must be >= 1"),
         ("distill.dmd_fake_lr=0", "dmd_fake_lr=0"),
         ("distill.dmd_regression_weight=-1", "dmd_regression_weight=-1.0 must be >= 0"),
+        ("distill.sid_alpha=-1", "sid_alpha=-1.0 must be >= 0"),
+        ("distill.dmd_divergence=js", "dmd_divergence='js' is not one of"),
     ):
         with pytest.raises(ConfigError, match=match):
             distill_config(v_pair[0], ["distill.objective=dmd", bad])
     with pytest.raises(ConfigError, match="a term of distill.objective=dmd, not of 'cm'"):
         distill_config(v_pair[0], ["distill.dmd_regression_weight=1"])
+    with pytest.raises(ConfigError, match="the loss of distill.objective=dmd, not of 'ctm'"):
+        distill_config(v_pair[0], ["distill.objective=ctm", "distill.dmd_divergence=fisher"])
     # a cm run's folder does not resume as dmd
     cm_cfg = distill_config(v_pair[0], [*DISTILL, "distill.num_steps=2", "eval.n_episodes=0"])
     DistillTrainer(cm_cfg, tmp_path / "cm").fit()

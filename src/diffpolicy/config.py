@@ -224,6 +224,12 @@ class DistillConfig:
     # per grid point per step, no gradients). It anchors the student to the teacher's noise-to-chunk map
     # while the distribution term moves it; 0 (default) is DMD without it (DMD2, One-Step Diffusion Policy).
     dmd_regression_weight: float = 0.0
+    # Which divergence the student's 1-step chunks descend: kl (DMD: the score difference at the noised
+    # chunk, no gradient through the score networks) | fisher (Score identity Distillation, Zhou et al.
+    # 2024: the Fisher divergence through the score identity, with gradients through the teacher's and the
+    # fake network's clean estimates into the chunk; sid_alpha weighs its two terms, the paper's 1.2).
+    dmd_divergence: str = "kl"
+    sid_alpha: float = 1.2
 
 
 @dataclass
@@ -280,6 +286,7 @@ _CHOICES = {
     "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
     "policy.scheduler.timestep_spacing": TIMESTEP_SPACINGS,
     "distill.objective": ("cm", "ctm", "dmd"),
+    "distill.dmd_divergence": ("kl", "fisher"),
     "distill.loss": ("huber", "mse"),
     "distill.solver_span": ("one", "uniform", "full"),
     "distill.top_target": ("ode", "ddim"),
@@ -350,12 +357,18 @@ def validate(cfg: RunConfig) -> None:
         ("dmd_fake_updates", d.dmd_fake_updates >= 1, ">= 1"),
         ("dmd_fake_lr", d.dmd_fake_lr > 0, "> 0"),
         ("dmd_regression_weight", d.dmd_regression_weight >= 0, ">= 0"),
+        ("sid_alpha", d.sid_alpha >= 0, ">= 0"),
     ):
         if not ok:
             raise ConfigError(f"distill.{key}={getattr(d, key)!r} must be {rule}")
     if d.dmd_regression_weight > 0 and d.objective != "dmd":
         raise ConfigError(
             f"distill.dmd_regression_weight={d.dmd_regression_weight} is a term of distill.objective=dmd, "
+            f"not of {d.objective!r}"
+        )
+    if d.dmd_divergence != "kl" and d.objective != "dmd":
+        raise ConfigError(
+            f"distill.dmd_divergence={d.dmd_divergence} chooses the loss of distill.objective=dmd, "
             f"not of {d.objective!r}"
         )
     if not 0 <= d.dmd_t_min <= d.dmd_t_max < p.scheduler.num_train_timesteps:

@@ -115,6 +115,15 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   per step (about 1.8x a DMD step on CPU). On Push-T (4.2M pair, 30,000-step teacher, four seeds, w = 2)
   it makes the students the closest yet to the teacher's map, with its spread and smoothness, but 1-step
   success is level with plain DMD (0.714 vs 0.721 over 400 episodes; BENCHMARKS.md), so it is off by default.
+* distill.dmd_divergence=fisher replaces DMD's KL gradient by Score identity Distillation's (SiD, Zhou
+  et al. 2024) Fisher-divergence loss, d . ((x0_teacher - x) - alpha d) / mean|x - x0_teacher| with
+  d = x0_teacher - x0_fake at x_t (alpha = distill.sid_alpha, the paper's 1.2). Its gradient keeps DMD's
+  direction as the part that bypasses the networks and adds the part through both clean estimates'
+  Jacobians (gradients flow through the frozen teacher and fake network into the chunk, about two extra
+  backward passes per step, though on CPU a step took DMD's wall time). In image generation it beat DMD
+  without a regression term or a GAN; on Push-T (1.18M pair, two seeds, the same CM starts; BENCHMARKS.md)
+  it is level with DMD at 1 step (0.61 vs 0.60, CM 0.59, teacher 0.795) and the best 2-step student yet
+  (0.77, 97% of the teacher; DMD 0.745), so kl stays the default.
 There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
 (1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
 1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair
@@ -577,6 +586,62 @@ class DistributionMatching(nn.Module):
             ode = self.ode_chunk(z, obs)
         return self.student.masked_mse(x, ode, mask)
 
+    @staticmethod
+    def _scale(x: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """DMD's per-sample normalization mean|x - x0_teacher| over the sample's real (unpadded) actions,
+        shaped (B, 1, 1), without gradients."""
+        m = mask.to(x.dtype)
+        scale = ((x - real).detach().abs() * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
+        return scale.clamp(min=1e-4).view(-1, 1, 1)
+
+    @staticmethod
+    def _gap(fake: torch.Tensor, real: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logged train/dmd_grad: mean |x0_fake - x0_teacher| / scale over unpadded entries."""
+        m = mask.to(fake.dtype)
+        return (((fake - real).detach() / scale).abs() * m).sum() / m.sum().clamp(min=1)
+
+    def kl_loss(
+        self,
+        x: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        obs: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DMD: 0.5 ||x - stopgrad(x - g)||^2 with g = (x0_fake - x0_teacher) / scale at x_t, so the chunk
+        moves along g and no gradient enters the score networks. Returns (loss, logged gap)."""
+        with torch.no_grad():
+            real = clean_estimate(self.teacher, x_t, t, obs)
+            fake = self.fake.clean_estimate(x_t, t, obs)
+            scale = self._scale(x, real, mask)
+            grad = (fake - real) / scale
+        return 0.5 * self.student.masked_mse(x, (x - grad).detach(), mask), self._gap(fake, real, scale, mask)
+
+    def fisher_loss(
+        self,
+        x: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        obs: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SiD (Zhou et al. 2024): (d . ((x0_teacher - x) - alpha d)) / scale with d = x0_teacher - x0_fake,
+        both clean estimates taken at x_t with gradients through them into the chunk (the networks' own
+        weights stay as they are: the teacher is frozen, the fake learns only in FakeScore.step). Its
+        gradient without the Jacobian terms is DMD's g; masked and averaged over all entries like the
+        other losses. Returns (loss, logged gap)."""
+        # gradients to the input only: none into the fake's weights (or its DDP reducer)
+        self.fake.net.requires_grad_(False)
+        try:
+            real = clean_estimate(self.teacher, x_t, t, obs)
+            fake = self.fake.clean_estimate(x_t, t, obs)
+        finally:
+            self.fake.net.requires_grad_(True)  # FakeScore trains all of its weights
+        scale = self._scale(x, real, mask)
+        d = real - fake
+        per_entry = d * ((real - x) - self.cfg.sid_alpha * d) / scale
+        return (per_entry * mask).mean(), self._gap(fake, real, scale, mask)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         student, obs = self.student, batch["obs"]
         x_data = student.normalizer.normalize("action", batch["action"])
@@ -589,18 +654,12 @@ class DistributionMatching(nn.Module):
         z = torch.randn_like(x_data)
         x = self.generate(cond, z)
         t = torch.randint(self.cfg.dmd_t_min, self.cfg.dmd_t_max + 1, (x.shape[0],), device=x.device)
-        with torch.no_grad():
-            x_t = self.teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)
-            real = clean_estimate(self.teacher, x_t, t, obs)
-            fake = self.fake.clean_estimate(x_t, t, obs)
-            m = mask.to(x.dtype)
-            # DMD's per-sample normalization, over the sample's real (unpadded) actions
-            scale = ((x - real).abs() * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
-            grad = (fake - real) / scale.clamp(min=1e-4).view(-1, 1, 1)
-        loss = 0.5 * student.masked_mse(x, (x - grad).detach(), mask)
+        x_t = self.teacher.noise_scheduler.add_noise(x, torch.randn_like(x), t)  # gradients flow through x
+        score_loss = self.fisher_loss if self.cfg.dmd_divergence == "fisher" else self.kl_loss
+        loss, gap = score_loss(x, x_t, t, obs, mask)
         self.terms = {
             "train/fake_loss": fake_loss,
-            "train/dmd_grad": (grad.abs() * m).sum() / m.sum().clamp(min=1),
+            "train/dmd_grad": gap,
             "train/data_mse": student.masked_mse(x.detach(), x_data, mask),  # a diagnostic only
         }
         if self.cfg.dmd_regression_weight > 0:
