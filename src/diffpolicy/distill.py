@@ -121,9 +121,9 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   direction as the part that bypasses the networks and adds the part through both clean estimates'
   Jacobians (gradients flow through the frozen teacher and fake network into the chunk, about two extra
   backward passes per step, though on CPU a step took DMD's wall time). In image generation it beat DMD
-  without a regression term or a GAN; on Push-T (1.18M pair, two seeds, the same CM starts; BENCHMARKS.md)
-  it is level with DMD at 1 step (0.61 vs 0.60, CM 0.59, teacher 0.795) and the best 2-step student yet
-  (0.77, 97% of the teacher; DMD 0.745), so kl stays the default.
+  without a regression term or a GAN; on Push-T (1.18M pair, two seeds from the same CM starts, 400
+  episodes; BENCHMARKS.md) 1 step 0.64 against DMD's 0.60 and CM's 0.61 (teacher 0.785; p = 0.11 against
+  DMD) and 2 steps 0.755 against 0.74: not ranked apart from DMD, so kl stays the default.
 There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
 (1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
 1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair
