@@ -551,7 +551,8 @@ class DistributionMatching(nn.Module):
     Per step: the fake score network takes distill.dmd_fake_updates steps on fresh 1-step chunks; then
     the student's chunk x (with gradients) is noised to x_t, t uniform in [dmd_t_min, dmd_t_max], and the
     loss 0.5 ||x - stopgrad(x - g)||^2 moves it along g = (x0_fake - x0_teacher) / mean|x - x0_teacher|
-    (module docstring). Only the student is optimized by the Trainer.
+    (module docstring; distill.dmd_divergence=fisher uses SiD's loss instead, `fisher_loss`). Only the
+    student is optimized by the Trainer.
     """
 
     def __init__(
