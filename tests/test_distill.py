@@ -687,6 +687,22 @@ def test_sid_loss_is_the_fisher_form_with_gradients_through_both_score_networks(
     assert all(p.grad is None and p.requires_grad for p in dmd.fake.net.parameters())
 
 
+def assert_dmd_terms_finite(run: Path, steps: int) -> None:
+    """A DMD run logged its loss, fake loss and gap at every one of its steps, all finite."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    terms = [r for r in rows if "train/dmd_grad" in r]
+    assert len(terms) == steps and all(
+        torch.isfinite(torch.tensor([r["train/loss"], r["train/fake_loss"], r["train/dmd_grad"]])).all()
+        for r in terms
+    )
+
+
+def assert_moved_from(start: Path, student: ConsistencyPolicy) -> None:
+    """Some network weight of `student` differs from the checkpoint it was fine-tuned from."""
+    start_state, state = load_policy(start)[0].state_dict(), student.state_dict()
+    assert any(not torch.equal(v, state[k]) for k, v in start_state.items() if k.startswith("net."))
+
+
 def test_dmd_fine_tunes_resumes_and_exports_a_student(v_pair, tmp_path):
     teacher, cm = v_pair
     cfg = distill_config(
@@ -709,18 +725,10 @@ def test_dmd_fine_tunes_resumes_and_exports_a_student(v_pair, tmp_path):
     # the fake network learned the student's chunks: it is no longer the teacher
     t_state = load_policy(teacher)[0].state_dict()
     assert any(not torch.equal(t_state[k], a["fake"]["model"][k]) for k in t_state if k.startswith("net."))
-    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    terms = [r for r in rows if "train/dmd_grad" in r]
-    assert len(terms) == 16 and all(
-        torch.isfinite(torch.tensor([r["train/loss"], r["train/fake_loss"], r["train/dmd_grad"]])).all()
-        for r in terms
-    )
+    assert_dmd_terms_finite(tmp_path / "straight", 16)
     student, student_cfg = load_policy(tmp_path / "straight" / "checkpoints" / "latest")
     assert isinstance(student, ConsistencyPolicy) and student_cfg.distill.objective == "dmd"
-    cm_state = load_policy(cm)[0].state_dict()
-    assert any(
-        not torch.equal(cm_state[k], student.state_dict()[k]) for k in cm_state if k.startswith("net.")
-    )
+    assert_moved_from(cm, student)
     obs = {"pos": torch.randn(64, 2, 2) * 3, "vel": torch.randn(64, 2, 2) * 3}
     for steps in (1, 2):
         student.set_sampler("consistency", steps)
@@ -736,18 +744,10 @@ def test_sid_fine_tunes_a_student(v_pair, tmp_path):
     overrides = [*DISTILL, *DMD, f"distill.init_student={cm}", "distill.num_steps=6"]
     cfg = distill_config(teacher, [*overrides, "distill.dmd_divergence=fisher"])
     DistillTrainer(cfg, tmp_path / "sid").fit()
-    rows = [json.loads(line) for line in (tmp_path / "sid" / "metrics.jsonl").read_text().splitlines()]
-    terms = [r for r in rows if "train/dmd_grad" in r]
-    assert len(terms) == 6 and all(
-        torch.isfinite(torch.tensor([r["train/loss"], r["train/fake_loss"], r["train/dmd_grad"]])).all()
-        for r in terms
-    )
+    assert_dmd_terms_finite(tmp_path / "sid", 6)
     student, student_cfg = load_policy(tmp_path / "sid" / "checkpoints" / "latest")
     assert student_cfg.distill.dmd_divergence == "fisher"
-    cm_state = load_policy(cm)[0].state_dict()
-    assert any(
-        not torch.equal(v, student.state_dict()[k]) for k, v in cm_state.items() if k.startswith("net.")
-    )
+    assert_moved_from(cm, student)
 
 
 def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
