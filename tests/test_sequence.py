@@ -372,3 +372,44 @@ def test_split_episodes_errors():
         split_episodes(10, 1.0, 0)
     with pytest.raises(ValueError, match="max_train_episodes"):
         split_episodes(10, 0.1, 0, max_train_episodes=0)
+
+
+# ---------------------------------------------------------------------- whole batches at once
+@pytest.mark.parametrize("cached", [True, False])
+def test_get_batch_equals_collated_single_windows(cached):
+    from torch.utils.data import default_collate
+
+    ds = SequenceDataset(
+        build_store([3, 9, 5]), RGB_META, horizon=6, n_obs_steps=3, n_action_steps=2, cache_in_memory=cached
+    )
+    indices = [0, len(ds) - 1, 4, 4, 2, -1]  # episode starts and ends (both paddings), repeats, negatives
+    batch = ds.get_batch(indices)
+    expected = default_collate([ds[i] for i in indices])
+    assert set(batch["obs"]) == {"state", "image"}
+    for key in ("state", "image"):
+        assert batch["obs"][key].dtype == expected["obs"][key].dtype
+        assert torch.equal(batch["obs"][key], expected["obs"][key])
+    assert torch.equal(batch["action"], expected["action"])
+    assert torch.equal(batch["action_is_pad"], expected["action_is_pad"])
+    assert torch.equal(ds[np.array(indices)]["action"], expected["action"])  # indexing by a sequence
+
+
+def test_loader_with_index_list_sampler_yields_whole_batches():
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    ds = SequenceDataset(build_store([7, 6]), RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2)
+    loader = DataLoader(ds, sampler=BatchSampler(SequentialSampler(ds), 4, drop_last=False), batch_size=None)
+    batches = list(loader)
+    assert [b["action"].shape[0] for b in batches] == [4, 4, len(ds) - 8]
+    assert batches[0]["obs"]["image"].shape == (4, 2, 3, IMG_H, IMG_W)
+    assert torch.equal(batches[1]["action"], torch.stack([ds[i]["action"] for i in range(4, 8)]))
+
+
+def test_get_batch_rejects_bad_indices():
+    ds = SequenceDataset(build_store([6]), LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2)
+    with pytest.raises(IndexError, match="out of range"):
+        ds.get_batch([0, len(ds)])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        ds.get_batch([])
+    with pytest.raises(ValueError, match="integer"):
+        ds.get_batch([0.5, 1.0])

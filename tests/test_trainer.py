@@ -97,11 +97,17 @@ def test_resume_continues_exactly(tmp_path, traj_store, net):
     Trainer(cfg, tmp_path / "straight").fit()
     with pytest.raises(Interrupted):
         KilledAfterCheckpoint(cfg, tmp_path / "resumed").fit()
-    assert load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")["step"] == 16
+    killed = load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")
+    assert killed["step"] == 16 and killed["elapsed_s"] > 0
     Trainer(cfg, tmp_path / "resumed").fit()
     a = load_training_state(tmp_path / "straight" / "checkpoints" / "latest")
     b = load_training_state(tmp_path / "resumed" / "checkpoints" / "latest")
     assert a["step"] == b["step"] == 24
+    # training time adds up over the two processes; every metrics row carries it
+    assert b["elapsed_s"] > killed["elapsed_s"]
+    rows = [json.loads(r) for r in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    after = [r["elapsed_min"] for r in rows if r["step"] > 16]
+    assert after and min(after) >= killed["elapsed_s"] / 60 - 1e-3 and after == sorted(after)
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
     assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()

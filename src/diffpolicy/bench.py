@@ -76,14 +76,14 @@ def build_policy(cfg: RunConfig, shape_meta: dict[str, Any], device: torch.devic
 
 def real_batches(cfg: RunConfig, shape_meta: dict[str, Any], store: str, batch_size: int) -> Iterator[dict]:
     """Endless shuffled training batches from an EpisodeStore, read the way the trainer reads them."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     dataset = make_dataset(cfg, store, shape_meta)
+    batches = BatchSampler(RandomSampler(dataset), batch_size, drop_last=True)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
+        sampler=batches,  # index lists, gathered a batch at a time as the trainer does
+        batch_size=None,
         num_workers=cfg.train.num_workers,
         persistent_workers=cfg.train.num_workers > 0,
     )

@@ -320,7 +320,10 @@ class SequenceDataset(Dataset):
             raise IndexError(f"sample index {index} out of range for dataset with {n} samples")
         return i % n
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """One window, or with a sequence of indices the whole batch at once (see `get_batch`)."""
+        if not isinstance(index, (int, np.integer)):
+            return self.get_batch(index)
         i = self._check_index(index)
         ep = int(self._sample_ep[i])
         t = int(self._sample_t[i])
@@ -337,6 +340,42 @@ class SequenceDataset(Dataset):
         raw_steps = np.arange(first, first + self.horizon)
         is_pad = (raw_steps < 0) | (raw_steps > length - 1)
         actions = self._read_rows(self.action_key, np.clip(raw_steps, 0, length - 1), base)
+        return {
+            "obs": obs,
+            "action": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)),
+            "action_is_pad": torch.from_numpy(is_pad),
+        }
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """Windows ``indices`` stacked as a batch: exactly ``default_collate([self[i] for i in indices])``.
+
+        One gather per key over the in-memory arrays instead of a Python loop over samples, and images
+        converted to float once for the whole batch. A DataLoader uses it when its sampler yields index
+        lists and ``batch_size=None`` (as the trainer's does).
+        """
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+            raise ValueError("a batch needs a non-empty 1-D sequence of integer sample indices")
+        n = len(self)
+        if ((idx < -n) | (idx >= n)).any():
+            bad = int(idx[(idx < -n) | (idx >= n)][0])
+            raise IndexError(f"sample index {bad} out of range for dataset with {n} samples")
+        idx = idx.astype(np.int64) % n
+        if self._cache is None:  # reads are per sample anyway: collate the single windows
+            from torch.utils.data import default_collate
+
+            return default_collate([self[int(i)] for i in idx])
+        ep = self._sample_ep[idx]
+        length, base = self._ep_lengths[ep][:, None], self._bases[ep][:, None]
+        first = self._sample_t[idx][:, None] - self.n_obs_steps + 1
+        obs_rows = base + np.clip(first + np.arange(self.n_obs_steps), 0, length - 1)  # (B, To)
+        obs = {
+            key: torch.from_numpy(np.ascontiguousarray(prepare_obs(self._cache[key][obs_rows], obs_type)))
+            for key, obs_type in self.obs_types.items()
+        }
+        raw_steps = first + np.arange(self.horizon)  # (B, H)
+        is_pad = (raw_steps < 0) | (raw_steps > length - 1)
+        actions = self._cache[self.action_key][base + np.clip(raw_steps, 0, length - 1)]
         return {
             "obs": obs,
             "action": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)),

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from diffpolicy.checkpoint import load_training_state, save_checkpoint
@@ -317,6 +317,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": _rng_state(),
             "topk": self.topk,
+            "elapsed_s": self.elapsed_s(),
         }
 
     def save_latest(self, step: int) -> None:
@@ -342,6 +343,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         self.topk = state.get("topk", [])
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self._t0 = time.perf_counter()
 
     def _update_topk(self, step: int, score: float, metrics: dict[str, float]) -> None:
         k = self.cfg.train.top_k
@@ -366,7 +369,8 @@ class Trainer:
             return None
         policy = self.eval_policy
         policy.eval()
-        loader = DataLoader(self.val_set, batch_size=self.cfg.train.batch_size, shuffle=False)
+        batches = BatchSampler(SequentialSampler(self.val_set), self.cfg.train.batch_size, drop_last=False)
+        loader = DataLoader(self.val_set, sampler=batches, batch_size=None)  # whole batches: get_batch
         losses = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(12345)  # same noise every time, so values are comparable across steps
@@ -395,11 +399,17 @@ class Trainer:
         return report
 
     # ----- the loop -----------------------------------------------------------------------------------
+    def elapsed_s(self) -> float:
+        """Wall-clock seconds this run has spent since step 0, summed over its resumed sessions."""
+        return self._elapsed_before + time.perf_counter() - self._t0
+
     def _log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(
+                json.dumps({"step": step, "elapsed_min": round(self.elapsed_s() / 60, 3), **metrics}) + "\n"
+            )
 
     def fit(self) -> dict[str, Any]:
         """Train to cfg.train.num_steps (resuming from `latest` if present), then evaluate."""
@@ -411,6 +421,7 @@ class Trainer:
             # generous timeout: the other ranks wait while rank 0 evaluates in closed loop
             dist.init_process_group(backend, timeout=timedelta(hours=2))
         self._setup_logging()
+        self._elapsed_before, self._t0 = 0.0, time.perf_counter()
         try:
             self._check_config()
             seed_everything(tc.seed)
@@ -433,7 +444,8 @@ class Trainer:
             )
             loader = DataLoader(
                 self.train_set,
-                batch_sampler=sampler,
+                sampler=sampler,  # yields index lists: the dataset gathers each batch at once (get_batch)
+                batch_size=None,
                 num_workers=tc.num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=tc.num_workers > 0,
@@ -596,13 +608,18 @@ def plot_training_curves(metrics_file: Path, out: Path) -> Path | None:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     series: dict[str, tuple[list, list]] = {}
+    timed: dict[str, tuple[list, list]] = {}  # success rates against training minutes (older runs: none)
     for row in rows:
         for key in ("train/loss", "val/loss", "val/success_rate", "eval/success_rate"):
             if key in row:
                 series.setdefault(key, ([], []))
                 series[key][0].append(row["step"])
                 series[key][1].append(row[key])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+                if "elapsed_min" in row and key.endswith("success_rate"):
+                    timed.setdefault(key, ([], []))
+                    timed[key][0].append(row["elapsed_min"])
+                    timed[key][1].append(row[key])
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(13.5 if timed else 9, 3.2))
     for key in ("train/loss", "val/loss"):
         if key in series:
             axes[0].plot(*series[key], label=key)
@@ -617,6 +634,13 @@ def plot_training_curves(metrics_file: Path, out: Path) -> Path | None:
     axes[1].set_ylim(-0.05, 1.05)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("closed-loop success rate")
+    if timed:
+        for key, style in (("val/success_rate", "o-"), ("eval/success_rate", "s")):
+            if key in timed:
+                axes[2].plot(*timed[key], style, label=key)
+        axes[2].legend()
+        axes[2].set_ylim(-0.05, 1.05)
+        axes[2].set_xlabel("wall-clock training minutes")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
