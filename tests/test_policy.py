@@ -144,3 +144,33 @@ def test_transformer_optim_groups_cover_all_parameters():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(policy.parameters()))
     assert {g["weight_decay"] for g in groups} >= {0.0, cfg.train.weight_decay}
+
+
+@pytest.mark.parametrize(
+    "overrides", [("policy.net=unet",), ("policy.net=transformer",), ("policy.obs_as_global_cond=false",)]
+)
+def test_noise_samples_per_obs_is_the_mean_of_k_single_losses(overrides):
+    """K noised copies per observation encoding: exactly the mean of K ordinary losses (padding included)."""
+    k = 3
+    multi = build(*overrides, f"policy.noise_samples_per_obs={k}").eval()  # eval: no dropout
+    single = build(*overrides)
+    single.load_state_dict(multi.state_dict())
+    single.eval()
+    b = batch()
+    b["action_is_pad"][0, -3:] = True
+    noise = multi.sample_training_noise(4, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert noise["noise"].shape == (4, k, 16, single.trajectory_dim) and noise["timesteps"].shape == (4, k)
+    loss = multi.compute_loss(b, **noise)
+    parts = [single.compute_loss(b, noise["noise"][:, i], noise["timesteps"][:, i]) for i in range(k)]
+    assert torch.allclose(loss, torch.stack(parts).mean(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="3 noise sample"):
+        multi.compute_loss(b, noise["noise"][:, 0], noise["timesteps"][:, 0])
+    assert torch.isfinite(multi.compute_loss(b))  # its own draws
+
+
+def test_one_noise_sample_draws_what_the_paper_loss_always_drew():
+    policy = build()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    drawn = policy.sample_training_noise(4, g1, torch.device("cpu"))
+    assert torch.equal(drawn["noise"], torch.randn(4, 16, policy.trajectory_dim, generator=g2))
+    assert drawn["timesteps"].shape == (4,)

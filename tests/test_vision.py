@@ -61,3 +61,67 @@ def test_bad_vision_settings():
         RgbEncoder({"cam": (3, 64, 64)}, VisionConfig(crop_shape=[84, 84]))
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         RgbEncoder({"cam": (3, 96, 96)}, VisionConfig(pretrained_weights="/nonexistent/resnet18.pth"))
+
+
+# ---------------------------------------------------------------------- backbones, resize, jitter, bf16
+def test_compact_backbone_keeps_a_fine_keypoint_map_and_is_small():
+    cfg = VisionConfig(backbone="compact", cnn_channels=[8, 8, 16], cnn_strides=[2, 1, 2], num_keypoints=4)
+    enc = RgbEncoder({"cam": (3, 96, 96)}, cfg)
+    assert enc.heads["cam"][0].grid.shape == (21 * 21, 2)  # 84 -> 42 -> 42 -> 21
+    assert sum(p.numel() for p in enc.parameters()) < 10_000
+    assert enc({"cam": torch.rand(2, 3, 3, 96, 96) * 2 - 1}).shape == (2, 3, 64)
+
+
+def test_resize_before_crop_for_large_camera_frames():
+    cfg = VisionConfig(
+        backbone="compact", cnn_channels=[4], cnn_strides=[2], resize_shape=[48, 64], crop_shape=[40, 56]
+    )
+    enc = RgbEncoder({"cam": (3, 480, 640)}, cfg).eval()
+    frames = torch.rand(1, 2, 3, 480, 640) * 2 - 1
+    assert enc.preprocess(frames, "cam").shape == (1, 2, 3, 40, 56)
+    assert enc({"cam": frames}).shape == (1, 2, cfg.feature_dim)
+    with pytest.raises(ValueError, match="resized to vision.resize_shape"):
+        RgbEncoder({"cam": (3, 480, 640)}, VisionConfig(resize_shape=[32, 32], crop_shape=[40, 40]))
+
+
+def test_color_jitter_is_per_sample_shared_across_the_window_and_only_in_training():
+    cfg = VisionConfig(
+        backbone="compact", cnn_channels=[4], cnn_strides=[2], crop_shape=None, color_jitter=0.4
+    )
+    enc = RgbEncoder({"cam": (3, 16, 16)}, cfg)
+    frame = torch.rand(1, 1, 3, 16, 16) * 2 - 1
+    window = frame.expand(5, 2, 3, 16, 16)  # five samples, two identical frames each
+    out = enc.preprocess(window, "cam")
+    assert torch.allclose(out[:, 0], out[:, 1])  # one factor for the whole window
+    assert not torch.allclose(out[0], out[1])  # different factors per sample
+    assert out.min() >= -1 and out.max() <= 1
+    assert torch.equal(enc.eval().preprocess(window, "cam"), window)
+
+
+def test_bf16_backbone_matches_fp32_closely():
+    torch.manual_seed(0)
+    fp32 = RgbEncoder({"cam": (3, 32, 32)}, VisionConfig(backbone="compact", crop_shape=None)).eval()
+    bf16 = RgbEncoder(
+        {"cam": (3, 32, 32)}, VisionConfig(backbone="compact", crop_shape=None, precision="bf16")
+    )
+    bf16.load_state_dict(fp32.state_dict())
+    x = {"cam": torch.rand(4, 2, 3, 32, 32) * 2 - 1}
+    a, b = fp32(x), bf16.eval()(x)
+    assert b.dtype == torch.float32 and torch.allclose(a, b, atol=0.05)
+    b.sum().backward()  # gradients reach the backbone through the autocast region
+    assert all(p.grad is not None for p in bf16.backbones.parameters())
+
+
+def test_unknown_backbones_and_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown vision.backbone 'vgg11'"):
+        RgbEncoder({"cam": (3, 32, 32)}, VisionConfig(backbone="vgg11", crop_shape=None))
+    from diffpolicy.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="cnn_channels"):
+        load_config(None, ["policy.vision.cnn_channels=[8,8]", "policy.vision.cnn_strides=[2]"])
+    with pytest.raises(ConfigError, match="color_jitter"):
+        load_config(None, ["policy.vision.color_jitter=1.5"])
+    with pytest.raises(ConfigError, match="resize_shape"):
+        load_config(None, ["policy.vision.resize_shape=[0,10]"])
+    with pytest.raises(ConfigError, match="policy.vision.precision"):
+        load_config(None, ["policy.vision.precision=fp16"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
     cls = classes.get(meta["policy_class"])
     if cls is None:
         raise CheckpointError(f"{path}: unknown policy class '{meta['policy_class']}'")
-    policy = cls(run_cfg.policy, meta["shape_meta"])
+    # The weights come from the checkpoint: the backbone's pretrained file need not exist here any more.
+    policy_cfg = replace(run_cfg.policy, vision=replace(run_cfg.policy.vision, pretrained_weights=None))
+    policy = cls(policy_cfg, meta["shape_meta"])
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")

@@ -380,12 +380,14 @@ class DiffusionPolicy(BasePolicy):
         """Noise and diffusion steps for a whole (global) batch from `generator`.
 
         The trainer draws these per step and gives each DDP rank its slice, so training with N
-        processes sees exactly the noise one process would see for the same global batch.
+        processes sees exactly the noise one process would see for the same global batch. With
+        policy.noise_samples_per_obs = K > 1 each sample gets K draws: shapes (B, K, ...).
         """
-        shape = (batch_size, self.horizon, self.trajectory_dim)
-        noise = torch.randn(shape, generator=generator, device=device)
+        k = self.cfg.noise_samples_per_obs
+        lead = (batch_size,) if k == 1 else (batch_size, k)
+        noise = torch.randn((*lead, self.horizon, self.trajectory_dim), generator=generator, device=device)
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=device)
+        timesteps = torch.randint(0, steps, lead, generator=generator, device=device)
         return {"noise": noise, "timesteps": timesteps}
 
     def compute_loss(
@@ -396,22 +398,32 @@ class DiffusionPolicy(BasePolicy):
     ) -> torch.Tensor:
         """DDPM objective: predict the noise (or the clean chunk, or v) of a randomly noised action chunk.
 
-        `noise` / `timesteps` default to fresh draws from the global RNG.
+        `noise` / `timesteps` default to fresh draws from the global RNG. With
+        policy.noise_samples_per_obs = K > 1 every chunk is noised K times against one encoding of its
+        observations: the encoder's cost is shared by K denoising targets (`noise` (B, K, H, D),
+        `timesteps` (B, K)).
         """
         nactions = self.normalizer.normalize("action", batch["action"])
         features = self.encode_obs(batch["obs"])
         traj, cond, cond_mask = self._trajectory(nactions, features)
+        mask = self.loss_mask(batch, traj, cond_mask)
+        k = self.cfg.noise_samples_per_obs
+        lead = (traj.shape[0],) if k == 1 else (traj.shape[0], k)
         if noise is None:
-            noise = torch.randn_like(traj)
+            noise = torch.randn((*lead, *traj.shape[1:]), device=traj.device, dtype=traj.dtype)
         if timesteps is None:
-            timesteps = torch.randint(
-                0, self.noise_scheduler.config.num_train_timesteps, (traj.shape[0],), device=traj.device
-            )
-        if noise.shape != traj.shape or timesteps.shape != (traj.shape[0],):
+            steps = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, steps, lead, device=traj.device)
+        if noise.shape != (*lead, *traj.shape[1:]) or timesteps.shape != lead:
             raise ValueError(
                 f"noise {tuple(noise.shape)} / timesteps {tuple(timesteps.shape)} do not fit "
-                f"the trajectory {tuple(traj.shape)}"
+                f"the trajectory {tuple(traj.shape)} with {k} noise sample(s) per observation"
             )
+        if k > 1:  # K noised copies of each chunk share its condition (views of one encoding)
+            traj, mask = traj.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+            cond = None if cond is None else cond.repeat_interleave(k, 0)
+            cond_mask = None if cond_mask is None else cond_mask.repeat_interleave(k, 0)
+            noise, timesteps = noise.flatten(0, 1), timesteps.flatten(0, 1)
         t = timesteps.to(traj.device)
         noise = noise.to(traj.device, traj.dtype)
         noisy = self.noise_scheduler.add_noise(traj, noise, t)
@@ -423,7 +435,7 @@ class DiffusionPolicy(BasePolicy):
             target = self.noise_scheduler.get_velocity(traj, noise, t)
         else:
             target = noise if kind == "epsilon" else traj
-        return self.masked_mse(pred, target, self.loss_mask(batch, traj, cond_mask))
+        return self.masked_mse(pred, target, mask)
 
     def _sample_loop(
         self,
