@@ -6,7 +6,8 @@ Formats (one reader module each; nothing outside this package knows about them):
 * ``lerobot``: a local LeRobot dataset folder (``meta/info.json``), codebase v3.0 or v2.1 (lerobot.py,
   which also writes v3.0);
 * ``robomimic``: a robomimic ``.hdf5`` file (robomimic.py);
-* ``minari``: a local Minari dataset folder (``metadata.json`` + ``main_data.hdf5``, or its parent) (minari.py).
+* ``minari``: a local Minari dataset folder (``metadata.json`` + ``main_data.hdf5``, or its parent)
+  (minari.py).
 
 How ``data.path=PATH`` trains on a foreign dataset: :func:`open_training_data` detects the format and
 imports the dataset ONCE into an EpisodeStore under ``data.import_dir`` (default ``<run_dir>/imported``;
@@ -141,7 +142,8 @@ def _select(shape_meta: dict[str, Any], obs_keys: Sequence[str] | None, where: P
     if missing:
         raise FormatError(
             where,
-            f"data.obs_keys {missing} are not in the dataset (missing features); it has {sorted(shape_meta['obs'])}",
+            f"data.obs_keys {missing} are not in the dataset (missing features); "
+            f"it has {sorted(shape_meta['obs'])}",
         )
     return {"obs": {k: shape_meta["obs"][k] for k in obs_keys}, "action": shape_meta["action"]}
 
@@ -218,7 +220,9 @@ def describe(
         store = EpisodeStore.open(path)
         lengths = store.episode_lengths
         out.update(fps=store.attrs.get("fps"), shape_meta=store_shape_meta(store))
-        out["keys"] = {k: {"shape": list(store[k].shape[1:]), "dtype": str(store[k].dtype)} for k in store.keys}
+        out["keys"] = {
+            k: {"shape": list(store[k].shape[1:]), "dtype": str(store[k].dtype)} for k in store.keys
+        }
         out["stats"] = {
             k: _summary_stats(store[k][:])
             for k in store.keys

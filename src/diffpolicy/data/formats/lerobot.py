@@ -359,7 +359,8 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
                 if rows.size != ep.length:
                     raise FormatError(
                         ep.data_file,
-                        f"episode {ep.index}: {rows.size} rows but meta says length {ep.length} (mismatched lengths)",
+                        f"episode {ep.index}: {rows.size} rows but meta says length {ep.length} "
+                        "(mismatched lengths)",
                     )
                 part = table.take(rows)
                 out: dict[str, np.ndarray] = {}
@@ -381,8 +382,8 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
                     if len(frames) != ep.length:
                         raise FormatError(
                             file,
-                            f"episode {ep.index}: {len(frames)} video frames in [{start:.3f}, {stop:.3f}) s but "
-                            f"{ep.length} rows (mismatched lengths)",
+                            f"episode {ep.index}: {len(frames)} video frames in [{start:.3f}, {stop:.3f}) s "
+                            f"but {ep.length} rows (mismatched lengths)",
                         )
                     out[key_of[name]] = np.stack(frames)
                 for key, first in channel_first.items():
