@@ -10,6 +10,34 @@ import numpy as np
 
 from diffpolicy.data.episodes import EpisodeStore
 
+# A few steps of a tiny image policy on 16x16 cameras (12x12 crops), no closed-loop evaluation.
+BRIEF_IMAGE_TRAINING = [
+    "policy.vision.crop_shape=[12,12]",
+    "train.batch_size=4",
+    "train.num_steps=3",
+    "train.val_every=3",
+    "train.checkpoint_every=3",
+    "train.eval_every=0",
+    "eval.n_episodes=0",
+]
+
+
+def train_and_act(cfg, run: Path):
+    """Train ``cfg`` into ``run``, reload its checkpoint and sample one action chunk from random obs."""
+    import torch
+
+    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.training.trainer import Trainer
+
+    Trainer(cfg, run, show_progress=False).fit()
+    policy, _ = load_policy(run / "checkpoints" / "latest")
+    obs = {k: torch.rand(1, cfg.policy.n_obs_steps, *m["shape"]) for k, m in policy.shape_meta["obs"].items()}
+    with torch.no_grad():
+        action = policy.predict_action(obs)["action"]
+    assert torch.isfinite(action).all()
+    return policy, action
+
+
 ROBOMIMIC_LOW_DIM = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
 ROBOMIMIC_CAMERAS = ("agentview_image", "robot0_eye_in_hand_image")
 

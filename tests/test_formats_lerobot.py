@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import TINY
-from formats_helpers import lerobot_v3_to_v21, tiny_store, tree_hash
+from formats_helpers import BRIEF_IMAGE_TRAINING, lerobot_v3_to_v21, tiny_store, train_and_act, tree_hash
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.config import load_config
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import (
@@ -216,31 +214,11 @@ def test_episodes_shorter_than_horizon(folder, tmp_path):
 
 def test_two_camera_policy_trains_from_lerobot_folder(folder, tmp_path):
     before = tree_hash(folder)
-    cfg = load_config(
-        "pusht_image_unet_cpu",
-        [
-            *TINY,
-            "task.name=''",
-            f"data.path={folder}",
-            "policy.horizon=8",
-            "policy.n_action_steps=4",
-            "policy.vision.crop_shape=[12,12]",
-            "train.batch_size=4",
-            "train.num_steps=3",
-            "train.val_every=3",
-            "train.checkpoint_every=3",
-            "train.eval_every=0",
-            "eval.n_episodes=0",
-        ],
-    )
-    run = tmp_path / "run"
-    Trainer(cfg, run, show_progress=False).fit()
-    policy, _ = load_policy(run / "checkpoints" / "latest")
+    overrides = [*TINY, *BRIEF_IMAGE_TRAINING, "task.name=''", f"data.path={folder}", "policy.horizon=8"]
+    cfg = load_config("pusht_image_unet_cpu", [*overrides, "policy.n_action_steps=4"])
+    policy, action = train_and_act(cfg, tmp_path / "run")
     assert sorted(policy.shape_meta["obs"]) == ["environment_state", "state", "top", "wrist"]
-    obs = {k: torch.rand(1, 2, *m["shape"]) for k, m in policy.shape_meta["obs"].items()}
-    with torch.no_grad():
-        action = policy.predict_action(obs)["action"]
-    assert action.shape == (1, 4, 2) and torch.isfinite(action).all()
+    assert action.shape == (1, 4, 2)
     assert tree_hash(folder) == before
 
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import tiny_config
-from formats_helpers import tree_hash
+from formats_helpers import train_and_act, tree_hash
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.data.formats import FormatError, detect_format, import_dataset, read_dataset
-from diffpolicy.training.trainer import Trainer
 
 minari = pytest.importorskip("minari")
 pytest.importorskip("jax")  # minari's DataCollector needs it (minari[create])
@@ -99,17 +96,7 @@ def test_bad_input(minari_folder):
 
 
 def test_trains_from_minari_folder(minari_folder, tmp_path):
-    cfg = tiny_config(
-        "task.name=''",
-        f"data.path={minari_folder}",
-        "train.num_steps=4",
-        "train.val_every=4",
-        "train.checkpoint_every=4",
-        "eval.n_episodes=0",
-    )
-    Trainer(cfg, tmp_path / "run", show_progress=False).fit()
-    policy, _ = load_policy(tmp_path / "run" / "checkpoints" / "latest")
+    cfg = tiny_config("task.name=''", f"data.path={minari_folder}", "train.num_steps=4", "eval.n_episodes=0")
+    policy, action = train_and_act(cfg, tmp_path / "run")
     assert policy.shape_meta["obs"] == {"state": {"shape": [6], "type": "low_dim"}}
-    with torch.no_grad():
-        action = policy.predict_action({"state": torch.randn(1, 2, 6)})["action"]
-    assert action.shape[-1] == 2 and torch.isfinite(action).all()
+    assert action.shape[-1] == 2

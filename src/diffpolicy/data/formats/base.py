@@ -25,6 +25,7 @@ from diffpolicy.data.episodes import EpisodeStore, EpisodeStoreError
 
 __all__ = [
     "ForeignDataset",
+    "atomic_folder",
     "FormatError",
     "import_dataset",
     "obs_spec",
@@ -95,6 +96,26 @@ def obs_spec(key: str, trailing_shape: tuple[int, ...], dtype: Any) -> dict[str,
     return None
 
 
+@contextlib.contextmanager
+def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed.
+
+    A failure never leaves a half-written ``target``; an existing one is replaced only with ``overwrite``.
+    """
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+
+
 def import_dataset(
     dataset: ForeignDataset,
     dst: str | os.PathLike,
@@ -110,14 +131,10 @@ def import_dataset(
     The store's attrs record the source (path, format, fps, original key names) and ``shape_meta``.
     """
     target = Path(dst)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
     if target.resolve() == dataset.path.resolve() or dataset.path.resolve() in target.resolve().parents:
         raise ValueError(f"refusing to write {target} inside the source dataset {dataset.path}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        store = EpisodeStore.create(tmp / "store.zarr")
+    with atomic_folder(target, overwrite) as tmp:
+        store = EpisodeStore.create(tmp, overwrite=True)
         bar = tqdm(
             total=dataset.n_frames,
             desc=f"import {dataset.path.name}",
@@ -149,12 +166,6 @@ def import_dataset(
                 **dict(extra_attrs or {}),
             }
         )
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp / "store.zarr", target)
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
     return EpisodeStore.open(target)
 
 

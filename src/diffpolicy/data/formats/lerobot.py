@@ -34,12 +34,9 @@ seeking). Measured on the smooth 16x16 test images: mean absolute error below 2 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +49,7 @@ from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats.base import (
     ForeignDataset,
     FormatError,
+    atomic_folder,
     check_finite,
     image_stats,
     low_dim_stats,
@@ -529,21 +527,9 @@ def write_lerobot(
         raise ValueError(f"keys {bad} are neither numeric arrays nor (T, H, W, 3) uint8 images")
     name_of = {k: known.get(k) or key_to_feature(k, k in image_keys) for k in store.keys}
     task = task or str(store.attrs.get("task") or "")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        _write_v3(store, tmp, fps, task, image_keys, low_keys, name_of, crf, progress, pa, pq)
-        info = _load_json(tmp / "meta" / "info.json")
-        info["robot_type"] = robot_type or source.get("robot_type")
-        (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=4))
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
+    with atomic_folder(target, overwrite) as tmp:
+        robot_type = robot_type or source.get("robot_type")
+        _write_v3(store, tmp, fps, task, robot_type, image_keys, low_keys, name_of, crf, progress, pa, pq)
     return target
 
 
@@ -552,6 +538,7 @@ def _write_v3(
     root: Path,
     fps: int,
     task: str,
+    robot_type: str | None,
     image_keys: list[str],
     low_keys: list[str],
     name_of: dict[str, str],
@@ -700,7 +687,7 @@ def _write_v3(
     (meta / "stats.json").write_text(json.dumps(stats, indent=4))
     info = {
         "codebase_version": CODEBASE_VERSION,
-        "robot_type": None,
+        "robot_type": robot_type,
         "total_episodes": store.n_episodes,
         "total_frames": n_steps,
         "total_tasks": 1,
