@@ -223,7 +223,7 @@ def test_two_camera_policy_trains_from_lerobot_folder(folder, tmp_path):
 
 
 def _pusht_like_store(path):
-    """Push-T state demonstrations' keys and dtypes (keypoint (9, 2), agent_pos, state, action)."""
+    """Push-T state demonstrations' keys and dtypes: keypoint (9, 2), agent_pos, state, action, n_contacts."""
     rng = np.random.default_rng(3)
     store = EpisodeStore.create(path)
     for n in (40, 33, 47, 36):
@@ -234,6 +234,7 @@ def _pusht_like_store(path):
                 "agent_pos": walk,
                 "state": rng.normal(size=(n, 5)).astype(np.float32),
                 "action": walk + rng.normal(size=(n, 2)).astype(np.float32),
+                "n_contacts": rng.integers(0, 3, (n, 1)).astype(np.float32),
             }
         )
     store.attrs.update({"task": "pusht", "fps": 10})
@@ -246,6 +247,8 @@ def test_pusht_state_round_trip_trains_identically(tmp_path):
     folder = write_lerobot(direct, tmp_path / "pusht_lerobot", progress=False)
     info = json.loads((folder / "meta" / "info.json").read_text())
     assert info["features"]["observation.keypoint"]["shape"] == [9, 2] and info["fps"] == 10
+    data = pq.read_table(folder / "data" / "chunk-000" / "file-000.parquet")
+    assert data.schema.field("observation.n_contacts").type == pa.float32()  # shape [1]: a scalar column
     back = import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False)
     assert_same_store(direct, back)
 

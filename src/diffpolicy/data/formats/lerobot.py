@@ -445,9 +445,12 @@ def _encode_video(path: Path, frames: list[np.ndarray], fps: int, crf: int) -> s
 
 
 def _fixed_list(values: np.ndarray) -> Any:
-    """(T, *shape) -> a column of (nested) fixed-size lists; (T,) -> a scalar column."""
+    """(T, *shape) -> a column of (nested) fixed-size lists; (T, 1) and (T,) -> a scalar column, as
+    LeRobot stores shape-[1] features (datasets.Value). The reader returns those as (T, 1)."""
     pa = require("pyarrow")
     out = pa.array(np.ascontiguousarray(values).reshape(-1))
+    if values.shape[1:] in ((), (1,)):
+        return out
     for size in reversed(values.shape[1:]):
         out = pa.FixedSizeListArray.from_arrays(out, size)
     return out
