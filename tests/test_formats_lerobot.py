@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY
 from formats_helpers import BRIEF_IMAGE_TRAINING, lerobot_v3_to_v21, tiny_store, train_and_act, tree_hash
 
+from diffpolicy.cli import main
 from diffpolicy.config import load_config
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import (
@@ -212,14 +213,17 @@ def test_episodes_shorter_than_horizon(folder, tmp_path):
     assert "imported 3 episodes" in note
 
 
-def test_two_camera_policy_trains_from_lerobot_folder(folder, tmp_path):
+def test_two_camera_policy_trains_from_lerobot_folder(folder, tmp_path, capsys):
     before = tree_hash(folder)
-    overrides = [*TINY, *BRIEF_IMAGE_TRAINING, "task.name=''", f"data.path={folder}", "policy.horizon=8"]
+    overrides = [*TINY, *BRIEF_IMAGE_TRAINING, "task.name=", f"data.path={folder}", "policy.horizon=8"]
     cfg = load_config("pusht_image_unet_cpu", [*overrides, "policy.n_action_steps=4"])
     policy, action = train_and_act(cfg, tmp_path / "run")
     assert sorted(policy.shape_meta["obs"]) == ["environment_state", "state", "top", "wrist"]
     assert action.shape == (1, 4, 2)
     assert tree_hash(folder) == before
+    # no task, no simulator: `diffpolicy eval` says so instead of failing on an unknown task
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "latest")]) == 2
+    assert "without a task" in capsys.readouterr().err
 
 
 def _pusht_like_store(path):
@@ -258,7 +262,7 @@ def test_pusht_state_round_trip_trains_identically(tmp_path):
             "pusht_state_transformer_cpu",
             [
                 *TINY,
-                "task.name=''",
+                "task.name=",
                 f"data.path={path}",
                 "data.obs_keys=[keypoint,agent_pos]",
                 "train.num_steps=20",

@@ -96,7 +96,7 @@ def test_bad_input(minari_folder):
 
 
 def test_trains_from_minari_folder(minari_folder, tmp_path):
-    cfg = tiny_config("task.name=''", f"data.path={minari_folder}", "train.num_steps=4", "eval.n_episodes=0")
+    cfg = tiny_config("task.name=", f"data.path={minari_folder}", "train.num_steps=4", "eval.n_episodes=0")
     policy, action = train_and_act(cfg, tmp_path / "run")
     assert policy.shape_meta["obs"] == {"state": {"shape": [6], "type": "low_dim"}}
     assert action.shape[-1] == 2

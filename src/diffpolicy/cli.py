@@ -90,6 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
+    if not cfg.task.name:
+        raise ConfigError(
+            f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
+        )
     task = make_task(cfg.task.name, **cfg.task.kwargs)
     out = Path(args.out or Path(args.checkpoint) / "eval")
     report = evaluate(policy, task, cfg.eval, out, label=str(args.checkpoint))

@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = "trajectory2d"
+    # "" or null (`task.name=` on the command line): no simulator; train on data.path alone, no evaluation
+    name: str | None = "trajectory2d"
     # Task-specific constructor arguments (e.g. observation type); each task documents its own.
     kwargs: dict[str, Any] = field(default_factory=dict)
 
