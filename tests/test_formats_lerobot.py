@@ -276,3 +276,47 @@ def test_pusht_state_round_trip_trains_identically(tmp_path):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         losses.append([json.loads(line)["train/loss"] for line in lines if "train/loss" in line])
     assert len(losses[0]) == 20 and losses[0] == losses[1]
+
+
+def test_several_data_and_video_files(store, tmp_path, monkeypatch):
+    """Episodes spread over several files (timestamps restart in each mp4) read back like one file."""
+    import diffpolicy.data.formats.lerobot as lerobot
+
+    monkeypatch.setattr(lerobot, "DATA_FILE_MB", 30 * 1572 / 2**20)  # 30 frames of this store per file
+    folder = write_lerobot(store, tmp_path / "multi", fps=30, progress=False)
+    episodes = pq.read_table(folder.joinpath(*EPISODES)).to_pylist()
+    assert [e["data/file_index"] for e in episodes] == [0, 0, 1]
+    assert [e["videos/observation.images.top/from_timestamp"] for e in episodes] == [0.0, 0.5, 0.0]
+    assert (folder / "videos" / "observation.images.top" / "chunk-000" / "file-001.mp4").is_file()
+    assert_same_store(store, import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False))
+
+
+def test_image_features_stored_in_parquet(store, tmp_path):
+    """dtype 'image' features (PNG bytes in the parquet rows, no mp4) are decoded with Pillow."""
+    import io
+
+    from PIL import Image
+
+    folder = write_lerobot(store, tmp_path / "img", fps=30, progress=False)
+    data_path = folder.joinpath(*DATA)
+    table = pq.read_table(data_path)
+    for key in ("top", "wrist"):
+        cells = []
+        for frame in store[key][:]:
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="PNG")
+            cells.append({"bytes": buf.getvalue(), "path": None})
+        table = table.append_column(f"observation.images.{key}", pa.array(cells))
+
+    def to_images(info):
+        for key in ("top", "wrist"):
+            ft = info["features"][f"observation.images.{key}"]
+            ft["dtype"] = "image"
+            ft.pop("info")
+        info["video_path"] = None
+
+    pq.write_table(table, data_path)
+    _edit_info(folder, to_images)
+    back = import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False)
+    np.testing.assert_array_equal(back["top"][:], store["top"][:])  # PNG is lossless
+    np.testing.assert_array_equal(back["state"][:], store["state"][:])
