@@ -22,20 +22,21 @@ BRIEF_IMAGE_TRAINING = [
 ]
 
 
-def train_and_act(cfg, run: Path):
-    """Train ``cfg`` into ``run``, reload its checkpoint and sample one action chunk from random obs."""
+def train_and_act(preset: str, overrides: list[str], run: Path):
+    """`diffpolicy train --preset PRESET --run-dir RUN OVERRIDES...`, then reload the checkpoint and
+    sample one action chunk from random observations; returns (policy, its run config, the chunk)."""
     import torch
 
     from diffpolicy.checkpoint import load_policy
-    from diffpolicy.training.trainer import Trainer
+    from diffpolicy.cli import main
 
-    Trainer(cfg, run, show_progress=False).fit()
-    policy, _ = load_policy(run / "checkpoints" / "latest")
+    assert main(["train", "--preset", preset, "--run-dir", str(run), *overrides]) == 0
+    policy, cfg = load_policy(run / "checkpoints" / "latest")
     obs = {k: torch.rand(1, cfg.policy.n_obs_steps, *m["shape"]) for k, m in policy.shape_meta["obs"].items()}
     with torch.no_grad():
         action = policy.predict_action(obs)["action"]
     assert torch.isfinite(action).all()
-    return policy, action
+    return policy, cfg, action
 
 
 ROBOMIMIC_LOW_DIM = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}

@@ -216,8 +216,8 @@ def test_episodes_shorter_than_horizon(folder, tmp_path):
 def test_two_camera_policy_trains_from_lerobot_folder(folder, tmp_path, capsys):
     before = tree_hash(folder)
     overrides = [*TINY, *BRIEF_IMAGE_TRAINING, "task.name=", f"data.path={folder}", "policy.horizon=8"]
-    cfg = load_config("pusht_image_unet_cpu", [*overrides, "policy.n_action_steps=4"])
-    policy, action = train_and_act(cfg, tmp_path / "run")
+    overrides.append("policy.n_action_steps=4")
+    policy, _, action = train_and_act("pusht_image_unet_cpu", overrides, tmp_path / "run")
     assert sorted(policy.shape_meta["obs"]) == ["environment_state", "state", "top", "wrist"]
     assert action.shape == (1, 4, 2)
     assert tree_hash(folder) == before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import TINY
 from formats_helpers import train_and_act, tree_hash
 
 from diffpolicy.data.formats import FormatError, detect_format, import_dataset, read_dataset
@@ -96,7 +96,7 @@ def test_bad_input(minari_folder):
 
 
 def test_trains_from_minari_folder(minari_folder, tmp_path):
-    cfg = tiny_config("task.name=", f"data.path={minari_folder}", "train.num_steps=4", "eval.n_episodes=0")
-    policy, action = train_and_act(cfg, tmp_path / "run")
+    overrides = [*TINY, "task.name=", f"data.path={minari_folder}", "train.num_steps=4", "eval.n_episodes=0"]
+    policy, _, action = train_and_act("trajectory2d_lowdim_unet", overrides, tmp_path / "run")
     assert policy.shape_meta["obs"] == {"state": {"shape": [6], "type": "low_dim"}}
     assert action.shape[-1] == 2

@@ -14,7 +14,6 @@ from formats_helpers import (
     write_robomimic,
 )
 
-from diffpolicy.config import load_config
 from diffpolicy.data.formats import FormatError, detect_format, import_dataset, read_dataset
 
 
@@ -94,10 +93,8 @@ def test_corrupt_hdf5(robomimic_file):
 def test_two_camera_transformer_trains_and_predicts(robomimic_file, tmp_path):
     """The seed-001 preset (two cameras, eef pos/quat, gripper) trains from the file and acts."""
     before = tree_hash(robomimic_file)
-    cfg = load_config(
-        "robomimic_image_transformer", [*TINY, *BRIEF_IMAGE_TRAINING, f"data.path={robomimic_file}"]
-    )
-    policy, action = train_and_act(cfg, tmp_path / "run")
+    overrides = [*TINY, *BRIEF_IMAGE_TRAINING, f"data.path={robomimic_file}"]
+    policy, cfg, action = train_and_act("robomimic_image_transformer", overrides, tmp_path / "run")
     log = (tmp_path / "run" / "train.log").read_text()
     assert "imported 3 episodes" in log and "shape_meta from the dataset" in log
     assert sorted(policy.shape_meta["obs"]) == sorted(cfg.data.obs_keys)

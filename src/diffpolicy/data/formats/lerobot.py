@@ -513,7 +513,7 @@ def write_lerobot(
         raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
     fps = fps or store.attrs.get("fps")
     if not fps:
-        raise ValueError("the store records no fps; pass fps= (LeRobot datasets need a frame rate)")
+        raise ValueError("the data records no frame rate, which LeRobot needs: pass fps= (--fps in the CLI)")
     if int(round(float(fps))) != float(fps):
         raise ValueError(f"LeRobot needs an integer fps, got {fps}")
     fps = int(round(float(fps)))
