@@ -52,5 +52,8 @@ def test_robomimic_to_lerobot_uses_control_freq(tmp_path, capsys):
     assert info["features"]["observation.images.agentview_image"]["dtype"] == "video"
     assert info["features"]["observation.robot0_eef_pos"]["dtype"] == "float64"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary store is gone
+    small = tmp_path / "small.zarr"
+    assert main(["dataset", "convert", str(src), str(small), "--image-size", "8", "8", "--quiet"]) == 0
+    assert EpisodeStore.open(small)["agentview_image"].shape == (39, 8, 8, 3)
     assert main(["dataset", "info", str(tmp_path / "nothing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err

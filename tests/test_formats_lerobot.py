@@ -320,3 +320,17 @@ def test_image_features_stored_in_parquet(store, tmp_path):
     back = import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False)
     np.testing.assert_array_equal(back["top"][:], store["top"][:])  # PNG is lossless
     np.testing.assert_array_equal(back["state"][:], store["state"][:])
+
+
+def test_cameras_resized_once_at_import(folder, store, tmp_path):
+    imported, shape_meta, _ = open_training_data(folder, tmp_path / "imports", image_size=[8, 12])
+    assert shape_meta["obs"]["top"] == {"shape": [3, 8, 12], "type": "rgb"}
+    assert imported["top"].shape == (44, 8, 12, 3) and imported.attrs["image_size"] == [8, 12]
+    np.testing.assert_array_equal(imported["state"][:], store["state"][:])
+    mean_before = store["wrist"][:].reshape(44, -1, 3).mean(1)
+    assert np.abs(imported["wrist"][:].reshape(44, -1, 3).mean(1) - mean_before).max() < 3
+    # another size is another import; the same size reuses it
+    other, _, note = open_training_data(folder, tmp_path / "imports", image_size=[16, 16])
+    assert other.path != imported.path and "imported" in note
+    _, _, note = open_training_data(folder, tmp_path / "imports", image_size=[8, 12])
+    assert "reusing the import" in note

@@ -174,11 +174,19 @@ def cmd_dataset_convert(args: argparse.Namespace) -> int:
         if fmt == "episode_store":
             raise ValueError(f"{src} is already an EpisodeStore")
         store = import_dataset(
-            read_dataset(src, fmt, flatten_obs=args.flatten), dst, overwrite=args.overwrite, progress=progress
+            read_dataset(src, fmt, flatten_obs=args.flatten),
+            dst,
+            overwrite=args.overwrite,
+            progress=progress,
+            image_size=args.image_size,
         )
         print(f"wrote {store.n_episodes} episodes ({store.n_steps} frames) of {src} ({fmt}) to {dst}")
         return 0
     if fmt == "episode_store":
+        if args.image_size:
+            raise ValueError(
+                "--image-size resizes a dataset being imported; an EpisodeStore is exported as it is"
+            )
         store = EpisodeStore.open(src)
         write_lerobot(store, dst, fps=args.fps, task=args.task, overwrite=args.overwrite, progress=progress)
     else:  # through a temporary EpisodeStore beside dst, removed afterwards
@@ -187,7 +195,10 @@ def cmd_dataset_convert(args: argparse.Namespace) -> int:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp:
             store = import_dataset(
-                read_dataset(src, fmt, flatten_obs=args.flatten), Path(tmp) / "store.zarr", progress=progress
+                read_dataset(src, fmt, flatten_obs=args.flatten),
+                Path(tmp) / "store.zarr",
+                progress=progress,
+                image_size=args.image_size,
             )
             write_lerobot(
                 store, dst, fps=args.fps, task=args.task, overwrite=args.overwrite, progress=progress
@@ -300,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fps", type=float, help="frame rate for LeRobot (default: the store's fps attribute)")
     q.add_argument("--task", default="", help="LeRobot task description (default: the store's task)")
     q.add_argument("--flatten", nargs="*", default=["observation", "desired_goal"], help=flatten_help)
+    q.add_argument(
+        "--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize cameras when importing a dataset"
+    )
     q.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_dataset_convert)

@@ -52,6 +52,9 @@ class DataConfig:
     # Minari dict observations: these parts are concatenated into one low-dim key "state" (seed 000's
     # PointMaze: observation + desired_goal); [] keeps each part as its own key
     flatten_obs: list[str] = field(default_factory=lambda: ["observation", "desired_goal"])
+    # [H, W]: resize the cameras of an imported dataset once, at import (e.g. 480x640 LeRobot recordings);
+    # None keeps them. EpisodeStores given as data.path are used as they are.
+    image_size: list[int] | None = None
     action_key: str = "action"
     val_ratio: float = 0.05
     max_train_episodes: int | None = None

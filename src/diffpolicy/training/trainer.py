@@ -261,6 +261,7 @@ class Trainer:
             horizon=cfg.policy.horizon,
             flatten_obs=cfg.data.flatten_obs,
             action_key=cfg.data.action_key,
+            image_size=cfg.data.image_size,
             progress=self.show_progress,
         )
         if self.world_size > 1 and self.is_main:

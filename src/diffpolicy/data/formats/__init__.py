@@ -157,13 +157,14 @@ def open_training_data(
     horizon: int | None = None,
     flatten_obs: Sequence[str] | None = DEFAULT_FLATTEN,
     action_key: str = "action",
+    image_size: Sequence[int] | None = None,
     progress: bool = False,
 ) -> tuple[EpisodeStore, dict[str, Any], str]:
     """The EpisodeStore to train on, its shape_meta, and one line saying what was done.
 
     An EpisodeStore is opened as it is; any other format is imported once into ``import_dir`` (see the
-    module docstring) and the import is reused while the source is unchanged. Imported data is checked
-    for episodes shorter than ``horizon``.
+    module docstring) and the import is reused while the source is unchanged; ``image_size`` ([H, W])
+    resizes its cameras once at import. Imported data is checked for episodes shorter than ``horizon``.
     """
     source = Path(path)
     fmt = detect_format(source)
@@ -171,7 +172,11 @@ def open_training_data(
         store = EpisodeStore.open(source)
         note = f"data {source}: EpisodeStore"
     else:
-        options = {"format": fmt, "flatten_obs": list(flatten_obs or [])}
+        options = {
+            "format": fmt,
+            "flatten_obs": list(flatten_obs or []),
+            "image_size": image_size and list(image_size),
+        }
         name = source.stem if source.is_file() else source.name
         target = Path(import_dir) / f"{name}-{_fingerprint(source, options)}.zarr"
         if target.exists():
@@ -179,7 +184,7 @@ def open_training_data(
             note = f"data {source} ({fmt}): reusing the import {target}"
         else:
             dataset = read_dataset(source, fmt, flatten_obs=flatten_obs)
-            store = import_dataset(dataset, target, progress=progress)
+            store = import_dataset(dataset, target, progress=progress, image_size=image_size)
             note = f"data {source} ({dataset.format}): imported {store.n_episodes} episodes into {target}"
         if horizon is not None:
             lengths = store.episode_lengths

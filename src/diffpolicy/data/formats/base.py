@@ -10,10 +10,11 @@ trainer and SequenceDataset only ever see EpisodeStores.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,15 +123,25 @@ def import_dataset(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    extra_attrs: Mapping[str, Any] | None = None,
+    image_size: Sequence[int] | None = None,
 ) -> EpisodeStore:
     """Write ``dataset``'s episodes into a new EpisodeStore at ``dst`` and open it read-only.
 
     The store is built in a temporary folder beside ``dst`` and renamed into place when complete, so an
     interrupted import never leaves a half store at ``dst``. ``dst`` is replaced only with ``overwrite``.
-    The store's attrs record the source (path, format, fps, original key names) and ``shape_meta``.
+    ``image_size`` ([H, W]) resizes every camera once, at import (e.g. 480x640 recordings to 96x128, so
+    that the store and training fit in memory); a deployed policy must see frames resized the same way.
+    The store's attrs record the source (path, format, fps, original key names), ``shape_meta`` and
+    ``image_size``.
     """
     target = Path(dst)
+    shape_meta = json.loads(json.dumps(dataset.shape_meta))
+    cameras = [k for k, m in shape_meta["obs"].items() if m["type"] == "rgb"]
+    if image_size is not None:
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be [H, W], got {list(image_size)}")
+        for key in cameras:
+            shape_meta["obs"][key]["shape"][1:] = [int(image_size[0]), int(image_size[1])]
     if target.resolve() == dataset.path.resolve() or dataset.path.resolve() in target.resolve().parents:
         raise ValueError(f"refusing to write {target} inside the source dataset {dataset.path}")
     with atomic_folder(target, overwrite) as tmp:
@@ -144,6 +155,9 @@ def import_dataset(
         )
         with bar:
             for i, episode in enumerate(dataset.episodes()):
+                if image_size is not None:
+                    for key in cameras:
+                        episode[key] = resize_frames(episode[key], image_size)
                 try:
                     store.add_episode(episode)
                 except EpisodeStoreError as e:
@@ -162,11 +176,28 @@ def import_dataset(
                     **dataset.attrs,
                 },
                 "fps": dataset.fps,
-                "shape_meta": dataset.shape_meta,
-                **dict(extra_attrs or {}),
+                "shape_meta": shape_meta,
+                "image_size": list(image_size) if image_size is not None else None,
             }
         )
     return EpisodeStore.open(target)
+
+
+def resize_frames(frames: np.ndarray, size: Sequence[int], block: int = 64) -> np.ndarray:
+    """uint8 (N, H, W, C) frames resized to (N, size[0], size[1], C): bilinear with antialiasing (area-like
+    when shrinking), in blocks of frames so a long 480x640 episode never becomes one huge float tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = int(size[0]), int(size[1])
+    if frames.shape[1:3] == (h, w):
+        return frames
+    out = np.empty((len(frames), h, w, frames.shape[-1]), dtype=np.uint8)
+    for start in range(0, len(frames), block):
+        x = torch.from_numpy(np.ascontiguousarray(frames[start : start + block])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + block] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def low_dim_stats(values: np.ndarray) -> dict[str, Any]:
