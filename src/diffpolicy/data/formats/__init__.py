@@ -169,6 +169,10 @@ def open_training_data(
     source = Path(path)
     fmt = detect_format(source)
     if fmt == "episode_store":
+        if image_size:
+            raise ValueError(
+                f"data.image_size resizes imported datasets; {source} is an EpisodeStore, used as is"
+            )
         store = EpisodeStore.open(source)
         note = f"data {source}: EpisodeStore"
     else:

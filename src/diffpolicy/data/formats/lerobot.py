@@ -26,7 +26,11 @@ Key names (store key <-> LeRobot feature): ``observation.images.<cam>`` <-> ``<c
 inputs. Remaining dots become ``_``. An import records the original names in the store's ``source.names``
 and the writer uses them, so LeRobot -> EpisodeStore -> LeRobot keeps every name.
 
-Writing: low-dim features keep their dtype (bit-exact round trip); cameras are encoded with libx264,
+Writing: every store key becomes a feature; uint8 (T, H, W, 3) keys are videos, the rest parquet columns
+that keep their dtype (bit-exact round trip): shape-[1] features as scalar columns (as LeRobot writes
+them), vectors as fixed-size lists, 2-D keys (Push-T's keypoint [9, 2]) as nested fixed-size lists with
+their 2-D shape in info.json. Data and video files roll over at ~100 MB of raw frames per data file
+(LeRobot's default file size), 1000 files per chunk folder. Cameras are encoded with libx264,
 yuv420p (yuv444p when a side is odd), CRF 18, a keyframe every 2 frames (as LeRobot's encoder, for fast
 seeking). Measured on the smooth 16x16 test images: mean absolute error below 2 uint8 levels per pixel
 (the round-trip test asserts <= 3).
