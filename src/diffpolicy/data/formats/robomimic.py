@@ -85,7 +85,13 @@ def read_robomimic(path: str | os.PathLike, obs_keys: Sequence[str] | None = Non
         first = data[demos[0]]
         for name in ("actions", "obs"):
             if name not in first:
-                raise FormatError(path, f"data/{demos[0]} is missing '{name}' (missing feature)")
+                hint = (
+                    "; a raw robosuite demo file has only states: extract observations with robomimic's "
+                    "dataset_states_to_obs.py"
+                    if name == "obs"
+                    else ""
+                )
+                raise FormatError(path, f"data/{demos[0]} is missing '{name}' (missing feature){hint}")
         available = list(first["obs"].keys())
         wanted = list(obs_keys) if obs_keys else available
         missing = [k for k in wanted if k not in available]
