@@ -26,12 +26,16 @@ from diffpolicy.data.episodes import EpisodeStore, EpisodeStoreError
 
 __all__ = [
     "ForeignDataset",
-    "atomic_folder",
     "FormatError",
+    "atomic_folder",
+    "check_finite",
+    "check_lengths",
+    "image_stats",
     "import_dataset",
-    "obs_spec",
     "low_dim_stats",
+    "obs_spec",
     "require",
+    "resize_frames",
 ]
 
 
