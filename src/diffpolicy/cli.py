@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | distill | eval | demo | bench | presets.
+"""Command line: diffpolicy collect | train | distill | eval | demo | bench | dataset | presets.
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from diffpolicy.config import ConfigError, RunConfig, available_presets, load_config
 
@@ -88,6 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
+    if not cfg.task.name:
+        raise ConfigError(
+            f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
+        )
     task = make_task(cfg.task.name, **cfg.task.kwargs)
     out = Path(args.out or Path(args.checkpoint) / "eval")
     report = evaluate(policy, task, cfg.eval, out, label=str(args.checkpoint))
@@ -111,6 +117,94 @@ def cmd_bench(args: argparse.Namespace) -> int:
     presets = args.preset or ["trajectory2d_lowdim_unet", "pusht_state_unet", "pusht_image_unet"]
     run_bench(
         presets, args.device, args.batch_size, args.warmup, args.repeats, args.out, args.overrides, args.data
+    )
+    return 0
+
+
+def _format_stats(stats: dict) -> str:
+    parts = []
+    for name in ("min", "max", "mean", "std"):
+        if name in stats:
+            values = np.asarray(stats[name], dtype=float).reshape(-1)
+            shown = ", ".join(f"{v:.4g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+            parts.append(f"{name} [{shown}]")
+    return "  ".join(parts)
+
+
+def cmd_dataset_info(args: argparse.Namespace) -> int:
+    from diffpolicy.data.formats import describe
+
+    info = describe(args.path, flatten_obs=args.flatten, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lengths = info["episode_length"]
+    print(f"{info['path']}: {info['format']}")
+    print(
+        f"  episodes {info['n_episodes']}, frames {info['n_frames']} (episode length {lengths.get('min')}-"
+        f"{lengths.get('max')}, mean {lengths.get('mean', 0):.1f}), fps {info['fps']}"
+    )
+    print("  keys:")
+    for key, meta in info["keys"].items():
+        extra = f" <- {meta['source']}" if "source" in meta else ""
+        kind = f" {meta['type']}" if "type" in meta else ""
+        dtype = f" {meta['dtype']}" if "dtype" in meta else ""
+        print(f"    {key}: shape {meta.get('shape')}{kind}{dtype}{extra}")
+    print(f"  shape_meta (what training infers): {json.dumps(info['shape_meta'])}")
+    print(f"  stats{' (' + info['stats_source'] + ')' if 'stats_source' in info else ''}:")
+    for key, stats in info["stats"].items():
+        print(f"    {key}: {_format_stats(stats)}")
+    return 0
+
+
+def cmd_dataset_convert(args: argparse.Namespace) -> int:
+    from diffpolicy.data.episodes import EpisodeStore
+    from diffpolicy.data.formats import detect_format, import_dataset, read_dataset
+    from diffpolicy.data.formats.lerobot import write_lerobot
+
+    src, dst = Path(args.src), Path(args.dst)
+    fmt = detect_format(src)
+    to = args.to or ("zarr" if dst.name.endswith((".zarr", ".zarr.zip")) else "lerobot")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError(f"refusing to write {dst} inside the source {src}")
+    if dst.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(dst)!r} already exists; pass --overwrite to replace it")
+    progress = not args.quiet
+    if to == "zarr":
+        if fmt == "episode_store":
+            raise ValueError(f"{src} is already an EpisodeStore")
+        store = import_dataset(
+            read_dataset(src, fmt, flatten_obs=args.flatten),
+            dst,
+            overwrite=args.overwrite,
+            progress=progress,
+            image_size=args.image_size,
+        )
+        print(f"wrote {store.n_episodes} episodes ({store.n_steps} frames) of {src} ({fmt}) to {dst}")
+        return 0
+    if fmt == "episode_store":
+        if args.image_size:
+            raise ValueError(
+                "--image-size resizes a dataset being imported; an EpisodeStore is exported as it is"
+            )
+        store = EpisodeStore.open(src)
+        write_lerobot(store, dst, fps=args.fps, task=args.task, overwrite=args.overwrite, progress=progress)
+    else:  # through a temporary EpisodeStore beside dst, removed afterwards
+        import tempfile
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp:
+            store = import_dataset(
+                read_dataset(src, fmt, flatten_obs=args.flatten),
+                Path(tmp) / "store.zarr",
+                progress=progress,
+                image_size=args.image_size,
+            )
+            write_lerobot(
+                store, dst, fps=args.fps, task=args.task, overwrite=args.overwrite, progress=progress
+            )
+    print(
+        f"wrote {store.n_episodes} episodes ({store.n_steps} frames) of {src} ({fmt}) to {dst} (LeRobot v3.0)"
     )
     return 0
 
@@ -194,6 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="EpisodeStore to also time data loading from (the presets' obs keys)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every preset")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "dataset", help="inspect or convert datasets (EpisodeStore, LeRobot, robomimic, Minari)"
+    )
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    flatten_help = "Minari: observation parts concatenated into 'state' (default observation desired_goal)"
+    q = dsub.add_parser("info", help="episodes, frames, keys, shapes, fps, stats of a dataset")
+    q.add_argument("path")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--flatten", nargs="*", default=["observation", "desired_goal"], help=flatten_help)
+    q.set_defaults(func=cmd_dataset_info)
+    q = dsub.add_parser(
+        "convert",
+        help="any dataset -> an EpisodeStore when DST ends in .zarr, else a LeRobot v3.0 folder",
+    )
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument(
+        "--to", choices=["zarr", "lerobot"], help="default: zarr when DST ends in .zarr, else lerobot"
+    )
+    q.add_argument("--fps", type=float, help="frame rate for LeRobot (default: the store's fps attribute)")
+    q.add_argument("--task", default="", help="LeRobot task description (default: the store's task)")
+    q.add_argument("--flatten", nargs="*", default=["observation", "desired_goal"], help=flatten_help)
+    q.add_argument(
+        "--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize cameras when importing a dataset"
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_dataset_convert)
 
     p = sub.add_parser("presets", help="list the bundled presets")
     p.set_defaults(func=cmd_presets)

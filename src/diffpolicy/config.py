@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = "trajectory2d"
+    # "" or null (`task.name=` on the command line): no simulator; train on data.path alone, no evaluation
+    name: str | None = "trajectory2d"
     # Task-specific constructor arguments (e.g. observation type); each task documents its own.
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +43,18 @@ class CollectConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # EpisodeStore to train on; "" -> <run_dir>/demos.zarr
+    # What to train on: an EpisodeStore, or a LeRobot folder / robomimic .hdf5 / Minari folder, which is
+    # imported once into import_dir (see data/formats); "" -> <run_dir>/demos.zarr
+    path: str = ""
+    import_dir: str = ""  # "" -> <run_dir>/imported; share one folder between runs to import once
+    # Observation keys to train on; None -> the task's, or (task.name="") every key the dataset declares
+    obs_keys: list[str] | None = None
+    # Minari dict observations: these parts are concatenated into one low-dim key "state" (seed 000's
+    # PointMaze: observation + desired_goal); [] keeps each part as its own key
+    flatten_obs: list[str] = field(default_factory=lambda: ["observation", "desired_goal"])
+    # [H, W]: resize the cameras of an imported dataset once, at import (e.g. 480x640 LeRobot recordings);
+    # None keeps them. EpisodeStores given as data.path are used as they are.
+    image_size: list[int] | None = None
     action_key: str = "action"
     val_ratio: float = 0.05
     max_train_episodes: int | None = None

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from diffpolicy.checkpoint import load_training_state, save_checkpoint
 from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
+from diffpolicy.data.formats import open_training_data
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_episodes
 from diffpolicy.policy import BasePolicy, make_policy, normalizer_spec
@@ -191,7 +192,13 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task = task or make_task(cfg.task.name, **cfg.task.kwargs)
+        # task.name="" trains on a dataset alone (no simulator): no closed-loop evaluation
+        self.task = task or (make_task(cfg.task.name, **cfg.task.kwargs) if cfg.task.name else None)
+        if self.task is None and (cfg.train.eval_every or cfg.eval.n_episodes):
+            raise ConfigError(
+                "task.name is empty (no simulator), so there is nothing to evaluate in closed loop: "
+                "set train.eval_every=0 and eval.n_episodes=0"
+            )
         self.resume = resume
         # torchrun sets these; a plain launch is rank 0 of 1
         self.rank = int(os.environ.get("RANK", 0))
@@ -243,8 +250,23 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         path = cfg.data.path or str(self.run_dir / "demos.zarr")
-        store = EpisodeStore.open(path)
-        self.shape_meta = self.task.shape_meta()
+        # Foreign formats are imported once into an EpisodeStore (rank 0 first, the others then reuse it).
+        if self.world_size > 1 and not self.is_main:
+            dist.barrier()
+        store, self.shape_meta, note = open_training_data(
+            path,
+            cfg.data.import_dir or self.run_dir / "imported",
+            obs_keys=cfg.data.obs_keys,
+            task_shape_meta=self.task.shape_meta() if self.task is not None else None,
+            horizon=cfg.policy.horizon,
+            flatten_obs=cfg.data.flatten_obs,
+            action_key=cfg.data.action_key,
+            image_size=cfg.data.image_size,
+            progress=self.show_progress,
+        )
+        if self.world_size > 1 and self.is_main:
+            dist.barrier()
+        log.info("%s", note)
         train_ids, val_ids = split_episodes(
             store.n_episodes, cfg.data.val_ratio, cfg.data.split_seed, cfg.data.max_train_episodes
         )

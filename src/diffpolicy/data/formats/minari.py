@@ -1,0 +1,144 @@
+"""Minari datasets in a local folder (``metadata.json`` + ``main_data.hdf5``, or Minari's arrow layout).
+
+PATH may be the dataset folder (``~/.minari/datasets/D4RL/pointmaze/large-v2``), its ``data`` folder or
+the ``main_data.hdf5`` file. Episodes are read through minari's own ``MinariDataset`` (so hdf5, arrow and
+JPEG-encoded images all work); nothing is downloaded.
+
+Observations: a ``Dict`` space gives one store key per part (nested parts joined with ``_``), a ``Box``
+space the key ``obs``. Minari stores T+1 observations for T actions (the last one follows the final
+action); the last is dropped so every step pairs the observation seen with the action taken. With
+``flatten`` (default ``observation`` + ``desired_goal``, as seed 000 does for PointMaze) those parts are
+also concatenated, in that order, into one low-dim key ``state``, and ``shape_meta`` holds only ``state``;
+the parts stay in the store for ``data.obs_keys``. ``flatten=[]`` keeps every part as its own input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffpolicy.data.formats.base import (
+    ForeignDataset,
+    FormatError,
+    check_finite,
+    check_lengths,
+    obs_spec,
+    require,
+)
+
+__all__ = ["read_minari"]
+
+FLATTEN_KEY = "state"
+
+
+def _data_dir(path: Path) -> Path:
+    p = path.parent if path.is_file() else path
+    if (p / "data" / "metadata.json").is_file():
+        p = p / "data"
+    if not (p / "metadata.json").is_file():
+        raise FormatError(path, "not a Minari dataset (no metadata.json)")
+    return p
+
+
+def _flat_parts(obs: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """{part: array} of a (nested) dict observation; a plain array is ``obs``."""
+    if not isinstance(obs, dict):
+        return {prefix or "obs": np.asarray(obs)}
+    out: dict[str, np.ndarray] = {}
+    for key, value in obs.items():
+        out.update(_flat_parts(value, f"{prefix}_{key}" if prefix else str(key)))
+    return out
+
+
+def read_minari(
+    path: str | os.PathLike, flatten: Sequence[str] | None = ("observation", "desired_goal")
+) -> ForeignDataset:
+    """Describe a local Minari dataset for import (see the module docstring for keys and flattening)."""
+    minari = require("minari")
+    gym_spaces = require("gymnasium.spaces")
+    root = _data_dir(Path(path))
+    data_file = root / "main_data.hdf5"
+    where = data_file if data_file.exists() else root
+    try:
+        dataset = minari.MinariDataset(root)
+        lengths = [
+            int(m["total_steps"]) for m in dataset.storage.get_episode_metadata(dataset.episode_indices)
+        ]
+        first = next(dataset.iterate_episodes())
+    except (OSError, KeyError, ValueError, StopIteration) as e:
+        raise FormatError(where, f"cannot read the Minari dataset (corrupt or incomplete?): {e!r}") from None
+    if not isinstance(dataset.action_space, gym_spaces.Box):
+        raise FormatError(
+            root / "metadata.json", f"action space {dataset.action_space} is not a Box (continuous)"
+        )
+    parts = _flat_parts(first.observations)
+    flatten = [k for k in (flatten or [])]
+    missing = [k for k in flatten if k not in parts]
+    if missing and flatten:
+        raise FormatError(
+            root / "metadata.json",
+            f"observation parts {missing} to flatten are missing (missing features); has {sorted(parts)}",
+        )
+    obs_meta: dict[str, Any] = {}
+    for key, value in parts.items():
+        spec = obs_spec(key, tuple(value.shape[1:]), value.dtype)
+        if spec is not None:
+            obs_meta[key] = spec
+    if flatten:
+        bad = [
+            k
+            for k in flatten
+            if obs_meta.get(k, {}).get("type") != "low_dim" or len(obs_meta[k]["shape"]) != 1
+        ]
+        if bad:
+            raise FormatError(
+                root / "metadata.json", f"observation parts {bad} are not vectors; cannot flatten them"
+            )
+        shape_meta_obs = {
+            FLATTEN_KEY: {"shape": [sum(obs_meta[k]["shape"][0] for k in flatten)], "type": "low_dim"}
+        }
+    else:
+        shape_meta_obs = obs_meta
+    action_dim = int(np.prod(dataset.action_space.shape))
+    shape_meta = {"obs": shape_meta_obs, "action": {"shape": [action_dim]}}
+    keys = list(obs_meta)
+
+    def episodes(low_dim_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        read = [k for k in keys if not (low_dim_only and obs_meta[k]["type"] == "rgb")]
+        try:
+            for episode in dataset.iterate_episodes():
+                where_ep = f"episode {episode.id}"
+                actions = np.asarray(episode.actions).reshape(len(episode.actions), action_dim)
+                n = len(actions)
+                obs = _flat_parts(episode.observations)
+                out = {k: obs[k][:n] if len(obs[k]) == n + 1 else obs[k] for k in read}
+                check_lengths(where, where_ep, {**{k: len(v) for k, v in out.items()}, "actions": n})
+                check_finite(where, f"{where_ep} actions", actions)
+                if flatten:
+                    out[FLATTEN_KEY] = np.concatenate([out[k] for k in flatten], axis=1)
+                out["action"] = actions
+                yield out
+        except (OSError, KeyError, ValueError) as e:
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(where, f"cannot read episode data (corrupt?): {e!r}") from None
+
+    meta = dataset.storage.metadata
+    return ForeignDataset(
+        path=Path(path),
+        format="minari",
+        episode_lengths=lengths,
+        shape_meta=shape_meta,
+        episodes=episodes,
+        fps=None,
+        source_names={**{k: f"observations/{k}" for k in keys}, "action": "actions"},
+        attrs={
+            "dataset_id": meta.get("dataset_id"),
+            "flatten": {FLATTEN_KEY: list(flatten)} if flatten else {},
+            "minari_version": meta.get("minari_version"),
+        },
+    )

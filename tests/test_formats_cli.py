@@ -1,0 +1,59 @@
+"""`diffpolicy dataset info | convert`: what they print, what they write, what they refuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from formats_helpers import tiny_store, tree_hash, write_robomimic
+
+from diffpolicy.cli import main
+from diffpolicy.data.episodes import EpisodeStore
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("av")
+
+
+def test_info_and_convert_round_trip(tmp_path, capsys):
+    store = tiny_store(tmp_path / "a.zarr")
+    store.attrs["fps"] = 15
+    before = tree_hash(tmp_path / "a.zarr")
+
+    assert main(["dataset", "info", str(tmp_path / "a.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "episodes 3, frames 44" in out and "fps 15" in out
+    assert "top: shape [16, 16, 3] uint8" in out and "state: min [" in out
+
+    assert main(["dataset", "convert", str(tmp_path / "a.zarr"), str(tmp_path / "le"), "--quiet"]) == 0
+    assert "LeRobot v3.0" in capsys.readouterr().out
+    assert main(["dataset", "info", str(tmp_path / "le"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "lerobot v3.0" and info["n_frames"] == 44 and info["fps"] == 15
+    assert info["keys"]["top"]["source"] == "observation.images.top"
+    assert info["stats_source"] == "the dataset's own stats"
+
+    assert main(["dataset", "convert", str(tmp_path / "le"), str(tmp_path / "b.zarr"), "--quiet"]) == 0
+    back = EpisodeStore.open(tmp_path / "b.zarr")
+    assert back.episode_ends.tolist() == store.episode_ends.tolist()
+    np.testing.assert_array_equal(back["state"][:], store["state"][:])
+
+    # nothing is overwritten without --overwrite, and the source is untouched
+    assert main(["dataset", "convert", str(tmp_path / "le"), str(tmp_path / "b.zarr"), "--quiet"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert tree_hash(tmp_path / "a.zarr") == before
+
+
+def test_robomimic_to_lerobot_uses_control_freq(tmp_path, capsys):
+    src = write_robomimic(tmp_path / "image.hdf5")
+    assert main(["dataset", "convert", str(src), str(tmp_path / "le"), "--quiet"]) == 0
+    info = json.loads((tmp_path / "le" / "meta" / "info.json").read_text())
+    assert info["fps"] == 20 and info["total_episodes"] == 3
+    assert info["features"]["observation.images.agentview_image"]["dtype"] == "video"
+    assert info["features"]["observation.robot0_eef_pos"]["dtype"] == "float64"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary store is gone
+    small = tmp_path / "small.zarr"
+    assert main(["dataset", "convert", str(src), str(small), "--image-size", "8", "8", "--quiet"]) == 0
+    assert EpisodeStore.open(small)["agentview_image"].shape == (39, 8, 8, 3)
+    assert main(["dataset", "info", str(tmp_path / "nothing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,336 @@
+"""LeRobot v3.0 writer and v3.0 / v2.1 reader: round trips, layout, bad input, training from a folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY
+from formats_helpers import BRIEF_IMAGE_TRAINING, lerobot_v3_to_v21, tiny_store, train_and_act, tree_hash
+
+from diffpolicy.cli import main
+from diffpolicy.config import load_config
+from diffpolicy.data.episodes import EpisodeStore
+from diffpolicy.data.formats import (
+    FormatError,
+    detect_format,
+    import_dataset,
+    open_training_data,
+    read_dataset,
+)
+from diffpolicy.data.formats.lerobot import feature_to_key, key_to_feature, write_lerobot
+from diffpolicy.training.trainer import Trainer
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("av")
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+# Video round trip through libx264 (yuv420p, CRF 18) on the smooth 16x16 test images: measured mean
+# absolute error ~1.3 uint8 levels (max 5); asserted with some margin.
+VIDEO_MEAN_ABS_TOL = 3.0
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tiny_store(tmp_path / "store.zarr")
+
+
+@pytest.fixture
+def folder(store, tmp_path):
+    return write_lerobot(store, tmp_path / "src" / "koch", fps=30, task="pick the cube", progress=False)
+
+
+def assert_same_store(a: EpisodeStore, b: EpisodeStore) -> None:
+    assert a.episode_ends.tolist() == b.episode_ends.tolist()
+    assert a.keys == b.keys
+    for key in a.keys:
+        x, y = a[key][:], b[key][:]
+        assert x.shape == y.shape and x.dtype == y.dtype, key
+        if x.dtype == np.uint8:
+            assert np.abs(x.astype(np.int16) - y).mean() <= VIDEO_MEAN_ABS_TOL, key
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=key)  # bit-exact
+
+
+def test_key_mapping():
+    for name, key in [
+        ("observation.images.laptop", "laptop"),
+        ("observation.image", "image"),
+        ("observation.state", "state"),
+        ("observation.environment_state", "environment_state"),
+        ("action", "action"),
+        ("next.reward", "next_reward"),
+    ]:
+        assert feature_to_key(name) == key
+    assert key_to_feature("laptop", True) == "observation.images.laptop"
+    assert key_to_feature("image", True) == "observation.image"
+    assert key_to_feature("state", False) == "observation.state"
+
+
+def test_store_to_v3_to_store_round_trip(store, folder, tmp_path):
+    before = tree_hash(store.path)
+    assert detect_format(folder) == "lerobot"
+    info = json.loads((folder / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 30 and info["total_episodes"] == 3
+    assert info["total_frames"] == 44 and info["splits"] == {"train": "0:3"}
+    assert info["features"]["observation.images.top"]["dtype"] == "video"
+    assert info["features"]["observation.state"] == {"dtype": "float32", "shape": [4], "names": None}
+    assert (folder / "videos" / "observation.images.wrist" / "chunk-000" / "file-000.mp4").is_file()
+    episodes = pq.read_table(folder / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pylist()
+    assert [e["length"] for e in episodes] == [15, 12, 17]
+    assert [e["dataset_from_index"] for e in episodes] == [0, 15, 27]
+    assert episodes[1]["videos/observation.images.top/from_timestamp"] == pytest.approx(15 / 30)
+    assert episodes[0]["tasks"] == ["pick the cube"]
+    tasks = pq.read_table(folder / "meta" / "tasks.parquet")
+    assert tasks.column("task").to_pylist() == ["pick the cube"]
+    assert json.loads(tasks.schema.metadata[b"pandas"])["index_columns"] == ["task"]
+    stats = json.loads((folder / "meta" / "stats.json").read_text())
+    assert set(stats["action"]) >= {"min", "max", "mean", "std", "count"}
+    assert np.asarray(stats["observation.images.top"]["mean"]).shape == (3, 1, 1)
+
+    ds = read_dataset(folder)
+    assert ds.fps == 30 and ds.episode_lengths == [15, 12, 17]
+    assert ds.shape_meta == {
+        "obs": {
+            "environment_state": {"shape": [3], "type": "low_dim"},
+            "state": {"shape": [4], "type": "low_dim"},
+            "top": {"shape": [3, 16, 16], "type": "rgb"},
+            "wrist": {"shape": [3, 16, 16], "type": "rgb"},
+        },
+        "action": {"shape": [2]},
+    }
+    back = import_dataset(ds, tmp_path / "back.zarr", progress=False)
+    assert_same_store(store, back)
+    assert tree_hash(store.path) == before
+
+    # LeRobot -> store -> LeRobot keeps every feature name and every low-dim value
+    again = write_lerobot(back, tmp_path / "again", progress=False)
+    info2 = json.loads((again / "meta" / "info.json").read_text())
+    assert info2["features"].keys() == info["features"].keys() and info2["fps"] == 30
+    a = pq.read_table(folder / "data" / "chunk-000" / "file-000.parquet")
+    b = pq.read_table(again / "data" / "chunk-000" / "file-000.parquet")
+    assert a.equals(b)
+
+
+def test_v21_reads_like_v3(folder, tmp_path):
+    v21 = lerobot_v3_to_v21(folder, tmp_path / "v21")
+    a = import_dataset(read_dataset(folder), tmp_path / "a.zarr", progress=False)
+    b = import_dataset(read_dataset(v21), tmp_path / "b.zarr", progress=False)
+    assert read_dataset(v21).format == "lerobot v2.1"
+    assert_same_store(a, b)
+
+
+def test_writer_never_overwrites(store, folder):
+    with pytest.raises(FileExistsError):
+        write_lerobot(store, folder, progress=False)
+
+
+def _edit_info(folder, fn):
+    path = folder / "meta" / "info.json"
+    info = json.loads(path.read_text())
+    fn(info)
+    path.write_text(json.dumps(info))
+
+
+def _edit_parquet(path, fn):
+    table = pq.read_table(path)
+    pq.write_table(fn(table), path)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _nan_action(table):
+    action = table.column("action").combine_chunks()
+    values = action.flatten().to_numpy().copy()
+    values[7] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values), 2)
+    return table.set_column(table.column_names.index("action"), "action", column)
+
+
+def _longer(table):
+    lengths = table.column("length").to_numpy().copy()
+    lengths[1] += 1
+    return table.set_column(table.column_names.index("length"), "length", pa.array(lengths))
+
+
+DATA = ("data", "chunk-000", "file-000.parquet")
+VIDEO = ("videos", "observation.images.top", "chunk-000", "file-000.mp4")
+EPISODES = ("meta", "episodes", "chunk-000", "file-000.parquet")
+
+
+@pytest.mark.parametrize(
+    "where, edit, problem",
+    [
+        (
+            ("meta", "info.json"),
+            lambda f: _edit_info(f, lambda i: i["features"].pop("action")),
+            "missing feature",
+        ),
+        (
+            ("meta", "info.json"),
+            lambda f: _edit_info(
+                f, lambda i: i["features"]["observation.images.top"]["info"].update({"video.codec": "nosuch"})
+            ),
+            "unsupported codec",
+        ),
+        (EPISODES, lambda f: _edit_parquet(f.joinpath(*EPISODES), _longer), "mismatched lengths"),
+        (DATA, lambda f: _truncate(f.joinpath(*DATA)), "corrupt"),
+        (VIDEO, lambda f: _truncate(f.joinpath(*VIDEO)), "mp4"),
+        (DATA, lambda f: _edit_parquet(f.joinpath(*DATA), _nan_action), "NaN"),
+    ],
+    ids=["missing-feature", "codec", "lengths", "corrupt-parquet", "corrupt-mp4", "nan-action"],
+)
+def test_bad_input_names_file_and_problem(folder, tmp_path, where, edit, problem):
+    edit(folder)
+    before = tree_hash(folder)
+    with pytest.raises(FormatError) as err:
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    message = str(err.value)
+    assert problem in message, message
+    # the episodes file is where the mismatch is declared; the data file is where it shows
+    assert str(folder.joinpath(*where)) in message or str(folder.joinpath(*DATA)) in message, message
+    assert not (tmp_path / "out.zarr").exists()
+    assert tree_hash(folder) == before
+
+
+def test_episodes_shorter_than_horizon(folder, tmp_path):
+    with pytest.raises(
+        FormatError, match=r"shorter than policy.horizon=16: 0 \(15 steps\), 1 \(12 steps\)"
+    ) as e:
+        open_training_data(folder, tmp_path / "imports", horizon=16)
+    assert str(folder) in str(e.value)
+    # the import made by the failed call is reused while the source is unchanged
+    store, shape_meta, note = open_training_data(folder, tmp_path / "imports", horizon=10)
+    assert "reusing the import" in note and store.n_episodes == 3
+    assert sorted(shape_meta["obs"]) == ["environment_state", "state", "top", "wrist"]
+    (folder / "meta" / "stats.json").write_text("{}")  # an edited source is imported again
+    _, _, note = open_training_data(folder, tmp_path / "imports", horizon=10)
+    assert "imported 3 episodes" in note
+
+
+def test_two_camera_policy_trains_from_lerobot_folder(folder, tmp_path, capsys):
+    before = tree_hash(folder)
+    overrides = [*TINY, *BRIEF_IMAGE_TRAINING, "task.name=", f"data.path={folder}", "policy.horizon=8"]
+    overrides.append("policy.n_action_steps=4")
+    policy, _, action = train_and_act("pusht_image_unet_cpu", overrides, tmp_path / "run")
+    assert sorted(policy.shape_meta["obs"]) == ["environment_state", "state", "top", "wrist"]
+    assert action.shape == (1, 4, 2)
+    assert tree_hash(folder) == before
+    # no task, no simulator: `diffpolicy eval` says so instead of failing on an unknown task
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "latest")]) == 2
+    assert "without a task" in capsys.readouterr().err
+
+
+def _pusht_like_store(path):
+    """Push-T state demonstrations' keys and dtypes: keypoint (9, 2), agent_pos, state, action, n_contacts."""
+    rng = np.random.default_rng(3)
+    store = EpisodeStore.create(path)
+    for n in (40, 33, 47, 36):
+        walk = np.cumsum(rng.normal(size=(n, 2)), 0).astype(np.float32) + 256
+        store.add_episode(
+            {
+                "keypoint": (rng.normal(size=(n, 9, 2)) * 50 + 256).astype(np.float32),
+                "agent_pos": walk,
+                "state": rng.normal(size=(n, 5)).astype(np.float32),
+                "action": walk + rng.normal(size=(n, 2)).astype(np.float32),
+                "n_contacts": rng.integers(0, 3, (n, 1)).astype(np.float32),
+            }
+        )
+    store.attrs.update({"task": "pusht", "fps": 10})
+    return store
+
+
+def test_pusht_state_round_trip_trains_identically(tmp_path):
+    """Push-T-like data through LeRobot v3 and back: bit-identical, and it trains to the same losses."""
+    direct = _pusht_like_store(tmp_path / "pusht.zarr")
+    folder = write_lerobot(direct, tmp_path / "pusht_lerobot", progress=False)
+    info = json.loads((folder / "meta" / "info.json").read_text())
+    assert info["features"]["observation.keypoint"]["shape"] == [9, 2] and info["fps"] == 10
+    data = pq.read_table(folder / "data" / "chunk-000" / "file-000.parquet")
+    assert data.schema.field("observation.n_contacts").type == pa.float32()  # shape [1]: a scalar column
+    back = import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False)
+    assert_same_store(direct, back)
+
+    losses = []
+    for name, path in (("direct", direct.path), ("lerobot", folder)):
+        cfg = load_config(
+            "pusht_state_transformer_cpu",
+            [
+                *TINY,
+                "task.name=",
+                f"data.path={path}",
+                "data.obs_keys=[keypoint,agent_pos]",
+                "train.num_steps=20",
+                "train.log_every=1",
+                "train.val_every=20",
+                "train.checkpoint_every=20",
+                "eval.n_episodes=0",
+            ],
+        )
+        Trainer(cfg, tmp_path / name, show_progress=False).fit()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(line)["train/loss"] for line in lines if "train/loss" in line])
+    assert len(losses[0]) == 20 and losses[0] == losses[1]
+
+
+def test_several_data_and_video_files(store, tmp_path, monkeypatch):
+    """Episodes spread over several files (timestamps restart in each mp4) read back like one file."""
+    import diffpolicy.data.formats.lerobot as lerobot
+
+    monkeypatch.setattr(lerobot, "DATA_FILE_MB", 30 * 1572 / 2**20)  # 30 frames of this store per file
+    folder = write_lerobot(store, tmp_path / "multi", fps=30, progress=False)
+    episodes = pq.read_table(folder.joinpath(*EPISODES)).to_pylist()
+    assert [e["data/file_index"] for e in episodes] == [0, 0, 1]
+    assert [e["videos/observation.images.top/from_timestamp"] for e in episodes] == [0.0, 0.5, 0.0]
+    assert (folder / "videos" / "observation.images.top" / "chunk-000" / "file-001.mp4").is_file()
+    assert_same_store(store, import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False))
+
+
+def test_image_features_stored_in_parquet(store, tmp_path):
+    """dtype 'image' features (PNG bytes in the parquet rows, no mp4) are decoded with Pillow."""
+    import io
+
+    from PIL import Image
+
+    folder = write_lerobot(store, tmp_path / "img", fps=30, progress=False)
+    data_path = folder.joinpath(*DATA)
+    table = pq.read_table(data_path)
+    for key in ("top", "wrist"):
+        cells = []
+        for frame in store[key][:]:
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="PNG")
+            cells.append({"bytes": buf.getvalue(), "path": None})
+        table = table.append_column(f"observation.images.{key}", pa.array(cells))
+
+    def to_images(info):
+        for key in ("top", "wrist"):
+            ft = info["features"][f"observation.images.{key}"]
+            ft["dtype"] = "image"
+            ft.pop("info")
+        info["video_path"] = None
+
+    pq.write_table(table, data_path)
+    _edit_info(folder, to_images)
+    back = import_dataset(read_dataset(folder), tmp_path / "back.zarr", progress=False)
+    np.testing.assert_array_equal(back["top"][:], store["top"][:])  # PNG is lossless
+    np.testing.assert_array_equal(back["state"][:], store["state"][:])
+
+
+def test_cameras_resized_once_at_import(folder, store, tmp_path):
+    imported, shape_meta, _ = open_training_data(folder, tmp_path / "imports", image_size=[8, 12])
+    assert shape_meta["obs"]["top"] == {"shape": [3, 8, 12], "type": "rgb"}
+    assert imported["top"].shape == (44, 8, 12, 3) and imported.attrs["image_size"] == [8, 12]
+    np.testing.assert_array_equal(imported["state"][:], store["state"][:])
+    mean_before = store["wrist"][:].reshape(44, -1, 3).mean(1)
+    assert np.abs(imported["wrist"][:].reshape(44, -1, 3).mean(1) - mean_before).max() < 3
+    # another size is another import; the same size reuses it
+    other, _, note = open_training_data(folder, tmp_path / "imports", image_size=[16, 16])
+    assert other.path != imported.path and "imported" in note
+    _, _, note = open_training_data(folder, tmp_path / "imports", image_size=[8, 12])
+    assert "reusing the import" in note
