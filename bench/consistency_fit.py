@@ -21,9 +21,9 @@ import argparse
 import torch
 from torch.utils.data import default_collate
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.distill import load_teacher
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 from diffpolicy.training.trainer import make_dataset
 

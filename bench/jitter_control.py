@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.config import with_overrides
 from diffpolicy.evaluation import evaluate
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 
 

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.config import EvalConfig
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.distill import DistillTrainer, distill_config, load_teacher
 from diffpolicy.evaluation import run_rollouts
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 from diffpolicy.tasks.base import Task
 from diffpolicy.training.trainer import make_dataset

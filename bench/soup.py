@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffpolicy.checkpoint import load_policy, save_checkpoint
+from diffpolicy.checkpoint import save_checkpoint
+from diffpolicy.policy import load_policy
 
 
 def main() -> None:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.distill import DistillTrainer, TeacherError, distill_config
-from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, load_policy
 from diffpolicy.training.trainer import log
 
 

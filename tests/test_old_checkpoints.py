@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffpolicy.checkpoint import load_policy
-from diffpolicy.policy import BasePolicy
+from diffpolicy.policy import BasePolicy, load_policy
 
 CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints"
 sys.path.insert(0, str(CHECKPOINTS))

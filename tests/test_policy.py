@@ -144,3 +144,13 @@ def test_transformer_optim_groups_cover_all_parameters():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(policy.parameters()))
     assert {g["weight_decay"] for g in groups} >= {0.0, cfg.train.weight_decay}
+
+
+def test_one_registry_serves_configs_and_checkpoints():
+    from diffpolicy.config import _CHOICES
+    from diffpolicy.policy import POLICY_TYPES, policy_class
+
+    assert set(POLICY_TYPES) == set(_CHOICES["policy.type"])
+    for name, cls in POLICY_TYPES.items():
+        assert policy_class(name) is cls and policy_class(cls.__name__) is cls
+    assert policy_class("NoSuchPolicy") is None

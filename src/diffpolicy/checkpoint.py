@@ -99,21 +99,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild the policy stored at `path` (no optimizer or trainer needed) and return it with its config."""
-    from diffpolicy.policy import POLICY_TYPES
+def read_config(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
+    """The checkpoint's validated config.yaml and the run config inside it.
 
+    Rebuilding the policy is `diffpolicy.policy.load_policy` (or `<PolicyClass>.from_pretrained`): this
+    module knows the folder format, not the policy classes, so that policy.py depends on it and never the
+    other way round.
+    """
     path = Path(path)
     meta = read_meta(path)
     try:
         run_cfg = from_dict(meta["run"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    classes = {cls.__name__: cls for cls in POLICY_TYPES.values()}
-    cls = classes.get(meta["policy_class"])
-    if cls is None:
-        raise CheckpointError(f"{path}: unknown policy class '{meta['policy_class']}'")
-    policy = cls(run_cfg.policy, meta["shape_meta"])
+    return meta, run_cfg
+
+
+def load_weights(policy: torch.nn.Module, path: str | Path) -> None:
+    """Load the checkpoint's weights into `policy`, built from the same checkpoint's config."""
+    path = Path(path)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
@@ -139,7 +143,6 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
     policy.load_state_dict(state)
     if not policy.normalizer.is_fitted:
         raise CheckpointError(f"{path}: the normalizer was saved unfitted")
-    return policy.to(device).eval(), run_cfg
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

@@ -151,9 +151,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from diffpolicy.checkpoint import CheckpointError, load_policy
+from diffpolicy.checkpoint import CheckpointError
 from diffpolicy.config import ConfigError, DistillConfig, EmaConfig, RunConfig, validate, with_overrides
-from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, make_scheduler
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, load_policy, make_scheduler
 from diffpolicy.training.ema import EMA
 from diffpolicy.training.trainer import Trainer, log
 

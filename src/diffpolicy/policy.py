@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 from torch import nn
 
+from diffpolicy.checkpoint import CheckpointError, load_weights, read_config
 from diffpolicy.config import (
     COMPILE_MODES,
     PRECISIONS,
@@ -29,6 +30,7 @@ from diffpolicy.config import (
     ConsistencyConfig,
     NoiseSchedulerConfig,
     PolicyConfig,
+    RunConfig,
     TrainConfig,
 )
 from diffpolicy.data.normalize import Normalizer
@@ -217,8 +219,6 @@ class BasePolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> BasePolicy:
         """Rebuild a policy from a checkpoint folder (config + normalizer + safetensors weights)."""
-        from diffpolicy.checkpoint import load_policy
-
         policy, _ = load_policy(path, device=device)
         if not isinstance(policy, cls):
             raise TypeError(f"{path} holds a {type(policy).__name__}, not a {cls.__name__}")
@@ -629,6 +629,8 @@ class MseBCPolicy(BasePolicy):
         return self.select_executed(self.check_actions(action_pred))
 
 
+# The one registry of policy classes: config `policy.type` -> class. make_policy builds from it, and
+# load_policy finds a checkpoint's class (saved by name) in it. A new policy class is added here only.
 POLICY_TYPES: dict[str, type[BasePolicy]] = {
     "diffusion": DiffusionPolicy,
     "mse_bc": MseBCPolicy,
@@ -636,5 +638,23 @@ POLICY_TYPES: dict[str, type[BasePolicy]] = {
 }
 
 
+def policy_class(name: str) -> type[BasePolicy] | None:
+    """The registered class for a config `policy.type` ("diffusion") or a saved class name ("MseBCPolicy")."""
+    if name in POLICY_TYPES:
+        return POLICY_TYPES[name]
+    return next((cls for cls in POLICY_TYPES.values() if cls.__name__ == name), None)
+
+
 def make_policy(cfg: PolicyConfig, shape_meta: dict[str, Any]) -> BasePolicy:
     return POLICY_TYPES[cfg.type](cfg, shape_meta)
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[BasePolicy, RunConfig]:
+    """Rebuild the policy stored at `path` (no optimizer or trainer needed) and return it with its config."""
+    meta, run_cfg = read_config(path)
+    cls = policy_class(meta["policy_class"])
+    if cls is None:
+        raise CheckpointError(f"{path}: unknown policy class '{meta['policy_class']}'")
+    policy = cls(run_cfg.policy, meta["shape_meta"])
+    load_weights(policy, path)
+    return policy.to(device).eval(), run_cfg
