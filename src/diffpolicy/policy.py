@@ -479,7 +479,7 @@ class ConsistencyPolicy(DiffusionPolicy):
     spacing stops at t = 39 for 3 steps on a grid of 10, and chains that stop at mid noise lose most of the
     1-step student's success (trajectory2d, 3000-step student: 1 step 0.68; 3 steps [99, 69, 39] 0.32,
     [99, 39, 9] 0.74, [99, 49, 9] 0.66).
-    `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill.py.
+    `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill/.
 
     A CTM student (policy.consistency.ctm, from `distill.objective=ctm`) has a network with a second time
     input, the stop time s, and jumps from x_t to any x_s (`jump`): G(x_t, t, s) is the DDIM move from t
