@@ -43,7 +43,7 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from diffpolicy.config import DistillConfig
@@ -155,13 +155,8 @@ class DistributionMatching(nn.Module):
         return (((fake - real).detach() / scale).abs() * m).sum() / m.sum().clamp(min=1)
 
     def kl_loss(
-        self,
-        x: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        obs: dict[str, torch.Tensor],
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: Tensor, x_t: Tensor, t: Tensor, obs: dict[str, Tensor], mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """DMD: 0.5 ||x - stopgrad(x - g)||^2 with g = (x0_fake - x0_teacher) / scale at x_t, so the chunk
         moves along g and no gradient enters the score networks. Returns (loss, logged gap)."""
         with torch.no_grad():
@@ -172,13 +167,8 @@ class DistributionMatching(nn.Module):
         return 0.5 * self.student.masked_mse(x, (x - grad).detach(), mask), self._gap(fake, real, scale, mask)
 
     def fisher_loss(
-        self,
-        x: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        obs: dict[str, torch.Tensor],
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: Tensor, x_t: Tensor, t: Tensor, obs: dict[str, Tensor], mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """SiD (Zhou et al. 2024): (d . ((x0_teacher - x) - alpha d)) / scale with d = x0_teacher - x0_fake,
         both clean estimates taken at x_t with gradients through them into the chunk (the networks' own
         weights stay as they are: the teacher is frozen, the fake learns only in FakeScore.step). Its
