@@ -1,6 +1,7 @@
 """CTM experiment: how often should a CTM student's training jump stop at the clean end?
 
-    python bench/ctm_stops.py --clean-stop 0.5 --teacher runs/pusht_state_v_small/checkpoints/latest \\
+    python bench/experiments/ctm_stops.py --clean-stop 0.5 \\
+        --teacher runs/pusht_state_v_small/checkpoints/latest \\
         --run-dir runs/ctm_small_clean50 distill.num_steps=10000 train.batch_size=64 eval.n_episodes=0
 
 `distill.objective=ctm` draws the stop point s uniformly below t, as Consistency Policy does, so the

@@ -1,6 +1,6 @@
 """Control for distill.dmd_regression_weight: the regression term alone, without distribution matching.
 
-    python bench/regression_only.py --teacher runs/pusht_state_v_30k/checkpoints/latest \\
+    python bench/experiments/regression_only.py --teacher runs/pusht_state_v_30k/checkpoints/latest \\
         --run-dir runs/regonly_30kT_s0 distill.init_student=runs/cd30kT_s0/checkpoints/latest \\
         distill.num_steps=3000 distill.lr=1e-5 train.batch_size=64 train.seed=0 eval.n_episodes=0
 
