@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,45 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"p": {"p.x"}, "p.x": set()}) is None
+
+
+def documented_layout() -> tuple[set[str], set[str]]:
+    """(modules, packages) named in the layout block of docs/contributing.md, relative to src/diffpolicy.
+
+    The block is the first fenced block after '## Package layout'; each line's first word is a file
+    (`name.py`) or a folder (`name/`), nested by two-space indentation under `src/diffpolicy/`.
+    """
+    text = LAYOUT_DOC.read_text()
+    section = text[text.index("## Package layout") :]
+    block = re.search(r"```\n(.*?)```", section, re.S)
+    assert block, f"{LAYOUT_DOC}: no layout block under '## Package layout'"
+    files, folders, stack = set(), set(), []
+    for line in block.group(1).splitlines():
+        if not line.strip():
+            continue
+        word = line.split()[0]
+        if not word.endswith((".py", "/")):
+            continue  # a description continued on the next line
+        depth = (len(line) - len(line.lstrip())) // 2
+        if word == "src/diffpolicy/":
+            stack = []
+            continue
+        stack = stack[: depth - 1]
+        path = "/".join([*stack, word.rstrip("/")])
+        if word.endswith("/"):
+            folders.add(path)
+            stack.append(word.rstrip("/"))
+        else:
+            files.add(path)
+    return files, folders
+
+
+def test_documented_layout_matches_the_package():
+    files, folders = documented_layout()
+    actual_files = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    actual_files |= {"__init__.py"}
+    actual_folders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*") if p.is_dir()}
+    actual_folders = {f for f in actual_folders if "__pycache__" not in f}
+    assert files - actual_files == set(), f"{LAYOUT_DOC} names modules that do not exist"
+    assert actual_files - files == set(), f"modules missing from the layout in {LAYOUT_DOC}"
+    assert folders == actual_folders, f"{LAYOUT_DOC}'s layout folders differ from src/diffpolicy's"

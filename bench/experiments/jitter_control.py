@@ -9,7 +9,7 @@ Gaussian noise of std `--sigma` (normalized action units, [-1, 1]) to every acti
 chunk, before unnormalizing, and evaluates as `diffpolicy eval` does. Independent noise adds 6 sigma^2 to the
 roughness (mean squared second difference) and 2 sigma^2 to the spread (two samples' mean squared
 difference), so sigma can be matched to the roughness measured for a DMD student. Not part of the
-package: a control for one experiment (BENCHMARKS.md, issue 4).
+package: a control for one experiment (docs/research, issue 4).
 """
 
 from __future__ import annotations

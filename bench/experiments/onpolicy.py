@@ -19,7 +19,7 @@ The windows are recorded where the policy is called (every n_action_steps), for 
 vectorized batch, including environments whose episode already ended (gymnasium resets those, so their
 windows are still states under the student's control, from fresh start states). Seeds must stay below
 the evaluation seeds (100000 onwards), as collection seeds do. Not part of the package: it lives here
-until it earns a place in `diffpolicy distill` (BENCHMARKS.md, issue 4).
+until it earns a place in `diffpolicy distill` (docs/research, issue 4).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ distribution-matching term, or just more training of the 1-step map on a fresh s
 noise z against the teacher's grid ODE solve from the same z, w = distill.dmd_regression_weight
 (default here 2, as in the runs it controls), no fake-network updates and no
 DMD term. Everything else (data, schedule, EMA, checkpoints) is the package's. Not part of the package:
-a control for one experiment (BENCHMARKS.md, issue 4).
+a control for one experiment (docs/research, issue 4).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ probability-flow ODE with the unchanged objective. Comparing its 1-step success 
 student's, against the same teacher, asks whether the one-call map is short of capacity. The starting
 weights are a different denoiser of the same data, which is a confound:
 `bench/experiments/consistency_fit.py` with each teacher tells which of the two ODEs the student ends up
-following. Not part of the package: a result, not a feature (BENCHMARKS.md, issue 4).
+following. Not part of the package: a result, not a feature (docs/research, issue 4).
 """
 
 from __future__ import annotations

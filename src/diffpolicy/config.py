@@ -250,7 +250,7 @@ class EvalConfig:
     # Scale of the initial noise x_T (DiffusionPolicy.noise_scale): 1 samples the learned distribution;
     # below 1 is low-temperature sampling (nearer the chunk distribution's modes, less diverse), 0 makes a
     # 1-step consistency policy deterministic. Noise injected later (DDPM steps, chain re-noising) is
-    # not scaled. On Push-T below 1 hurt and above 1 did not help (BENCHMARKS.md).
+    # not scaled. On Push-T below 1 hurt and above 1 did not help (docs/research).
     noise_scale: float = 1.0
     # Inference fast paths (DiffusionPolicy.set_fast_paths): bf16 autocast of the network calls, and
     # torch.compile's mode (reduce-overhead also captures CUDA graphs on GPU); null = eager.

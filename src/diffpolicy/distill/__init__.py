@@ -10,7 +10,7 @@ One module per objective, all run by the one DistillTrainer (`diffpolicy distill
     dmd.py          dmd: distribution matching, DMD's KL or SiD's Fisher divergence (a fine-tune of cm)
     trainer.py      DistillTrainer: the Trainer with a student, a loss module and a target/fake network
 
-What each objective did on Push-T is in BENCHMARKS.md and docs/research/.
+What each objective did on Push-T: BENCHMARKS.md (the current recipe) and docs/research/ (every experiment).
 """
 
 from diffpolicy.distill.common import consistency_distance, ddim_step, masked_pseudo_huber, teacher_solve

@@ -41,7 +41,7 @@ denoising loss:
 * how finely the teacher solves (distill.solver_substeps = m): each grid step of k timesteps is m DDIM
   steps of k / m. With m = 1 (LCM) the chain of targets down the grid is, in the limit, the teacher's
   DDIM-N on the trailing grid: on Push-T 0.695 against 0.815 for DDIM-100, the ODE solved at every
-  timestep (BENCHMARKS.md), and a student learns the map its targets define. m = k makes each target an
+  timestep (docs/research), and a student learns the map its targets define. m = k makes each target an
   exact DDIM-T solve between grid points at m teacher calls per sample. On Push-T m = 5 and 10 left 1-step
   success where m = 1 has it (0.67, 0.64 vs 0.645), and so did m = 5 fine-tuning the 20,000-step student
   (0.70 vs 0.72): the student's own fit error is several times the gap between the coarse and fine
@@ -54,7 +54,7 @@ denoising loss:
   policy.scheduler.timestep_spacing; the default, diffusers' "leading", starts at t = T - k and feeds that
   step pure noise although the forward process still has sqrt(abar) = 0.15 of signal there), solved in
   full from the same noise. On Push-T the two teacher samplers differ: DDIM-10 leading 0.79, trailing
-  0.695 over the same 200 episodes (BENCHMARKS.md). Learning the leading sampler's map did not lift
+  0.695 over the same 200 episodes (docs/research). Learning the leading sampler's map did not lift
   1-step success (0.61); longer distillation moved it more (`ode`, 20,000 steps: 0.72 against 0.66 at
   10,000, paired p = 0.13; level with the trailing sampler whose map it learns). Chained steps below the
   top keep the consistency targets;

@@ -18,7 +18,7 @@ CTM paper), in our discrete VP form:
   Policy's DSM is this jump to the clean end too; computing it on those samples costs no extra call).
 One step samples g(x_T, T - 1, -1); chains re-noise as the CM student does. A training step costs about
 1.5 times a CM step (the target network's two extra calls, one with gradients to its input). On Push-T
-(1.18M pair, 10,000 steps, three training seeds; BENCHMARKS.md) ctm is worse than cm at 1 step (0.49 vs
+(1.18M pair, 10,000 steps, three training seeds; docs/research) ctm is worse than cm at 1 step (0.49 vs
 0.61) and level at 2-3 steps: uniform stops give the 1-step jump (top of the grid to the clean end) 1 in
 N x N samples; with half of the stops at the clean end (bench/experiments/ctm_stops.py) 0.58 over two seeds.
 

@@ -19,7 +19,7 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   which keeps the student near the teacher's noise-to-chunk map; it costs a teacher call per grid point
   per step (about 1.8x a DMD step on CPU). On Push-T (4.2M pair, 30,000-step teacher, four seeds, w = 2)
   it makes the students the closest yet to the teacher's map, with its spread and smoothness, but 1-step
-  success is level with plain DMD (0.714 vs 0.721 over 400 episodes; BENCHMARKS.md), so it is off by default.
+  success is level with plain DMD (0.714 vs 0.721 over 400 episodes; docs/research), so it is off by default.
 * distill.dmd_divergence=fisher replaces DMD's KL gradient by Score identity Distillation's (SiD, Zhou
   et al. 2024) Fisher-divergence loss, d . ((x0_teacher - x) - alpha d) / mean|x - x0_teacher| with
   d = x0_teacher - x0_fake at x_t (alpha = distill.sid_alpha, the paper's 1.2). Its gradient keeps DMD's
@@ -27,10 +27,10 @@ reproduce one particular map, the teacher's ODE from each noise to its chunk; DM
   Jacobians (gradients flow through the frozen teacher and fake network into the chunk, about two extra
   backward passes per step, though on CPU a step took DMD's wall time). In image generation it beat DMD
   without a regression term or a GAN; on Push-T (1.18M pair, two seeds from the same CM starts, 400
-  episodes; BENCHMARKS.md) 1 step 0.64 against DMD's 0.60 and CM's 0.61 (teacher 0.785; p = 0.11 against
+  episodes; docs/research) 1 step 0.64 against DMD's 0.60 and CM's 0.61 (teacher 0.785; p = 0.11 against
   DMD) and 2 steps 0.755 against 0.74: not ranked apart from DMD, so kl stays the default.
 There is no target network; the fake network and its optimizer are checkpointed with the run. On Push-T
-(1.18M pair, three training seeds; BENCHMARKS.md) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
+(1.18M pair, three training seeds; docs/research) 3,000 steps at lr 1e-5 after 10,000 cm steps lift
 1 step 0.56 -> 0.64 and 2 steps 0.62 -> 0.73 (level with the teacher's DDPM-100), on the 4.2M pair
 (three seeds) 1 step 0.60 -> 0.65 and 2 steps 0.69 -> 0.73 (teacher 0.865); the 1-step gain varies
 between reruns. More steps were worse, and nothing but rollouts says when to stop. The chunks come out wider

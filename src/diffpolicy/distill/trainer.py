@@ -111,7 +111,7 @@ class DistillTrainer(Trainer):
             if not d.init_student:
                 log.info(
                     "dmd from the teacher's weights (whose 1-step map is DDIM-1's): fine-tuning a cm student "
-                    "(distill.init_student) did better on Push-T (BENCHMARKS.md)"
+                    "(distill.init_student) did better on Push-T (docs/research)"
                 )
             return DistributionMatching(self.policy, self.teacher, d, distributed=self.world_size > 1)
         self.target = EMA(self.policy, EmaConfig(min_value=d.target_ema_decay, max_value=d.target_ema_decay))
