@@ -23,10 +23,9 @@ from typing import Any
 import torch
 
 from diffpolicy.bench import machine_info, median_ms, synthetic_obs
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.distill import load_teacher
 from diffpolicy.evaluation import evaluate
-from diffpolicy.policy import ConsistencyPolicy
+from diffpolicy.policy import ConsistencyPolicy, load_policy
 from diffpolicy.tasks import make_task
 from diffpolicy.training.trainer import resolve_device
 

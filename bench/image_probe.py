@@ -17,10 +17,9 @@ import argparse
 import numpy as np
 import torch
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.sequence import prepare_obs, split_episodes
-from diffpolicy.policy import make_policy
+from diffpolicy.policy import load_policy, make_policy
 
 
 def camera_features(policy: torch.nn.Module, frames: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -27,8 +27,8 @@ def train_and_act(preset: str, overrides: list[str], run: Path):
     sample one action chunk from random observations; returns (policy, its run config, the chunk)."""
     import torch
 
-    from diffpolicy.checkpoint import load_policy
     from diffpolicy.cli import main
+    from diffpolicy.policy import load_policy
 
     assert main(["train", "--preset", preset, "--run-dir", str(run), *overrides]) == 0
     policy, cfg = load_policy(run / "checkpoints" / "latest")

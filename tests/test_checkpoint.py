@@ -4,8 +4,8 @@ import yaml
 from conftest import tiny_config
 from test_policy import SHAPE_META, batch, build
 
-from diffpolicy.checkpoint import CheckpointError, load_policy, save_checkpoint
-from diffpolicy.policy import DiffusionPolicy, MseBCPolicy
+from diffpolicy.checkpoint import CheckpointError, save_checkpoint
+from diffpolicy.policy import DiffusionPolicy, MseBCPolicy, load_policy
 
 
 def predict(policy):

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from diffusers import DDIMScheduler
 from torch.utils.data import default_collate
 
-from diffpolicy.checkpoint import load_policy, load_training_state, save_checkpoint
+from diffpolicy.checkpoint import load_training_state, save_checkpoint
 from diffpolicy.cli import main
 from diffpolicy.config import ConfigError, DistillConfig
 from diffpolicy.data.normalize import Normalizer
@@ -26,7 +26,7 @@ from diffpolicy.distill import (
     load_teacher,
     teacher_solve,
 )
-from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, make_policy, make_scheduler
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, load_policy, make_policy, make_scheduler
 from diffpolicy.training.trainer import ResumeMismatch, Trainer
 
 SHAPE_META = {

@@ -174,3 +174,13 @@ def test_one_noise_sample_draws_what_the_paper_loss_always_drew():
     drawn = policy.sample_training_noise(4, g1, torch.device("cpu"))
     assert torch.equal(drawn["noise"], torch.randn(4, 16, policy.trajectory_dim, generator=g2))
     assert drawn["timesteps"].shape == (4,)
+
+
+def test_one_registry_serves_configs_and_checkpoints():
+    from diffpolicy.config import _CHOICES
+    from diffpolicy.policy import POLICY_TYPES, policy_class
+
+    assert set(POLICY_TYPES) == set(_CHOICES["policy.type"])
+    for name, cls in POLICY_TYPES.items():
+        assert policy_class(name) is cls and policy_class(cls.__name__) is cls
+    assert policy_class("NoSuchPolicy") is None

@@ -9,10 +9,10 @@ import torch
 
 torchvision = pytest.importorskip("torchvision", reason="camera observations need the 'vision' extra")
 
-from diffpolicy.checkpoint import load_policy, save_checkpoint  # noqa: E402
+from diffpolicy.checkpoint import save_checkpoint  # noqa: E402
 from diffpolicy.config import load_config  # noqa: E402
 from diffpolicy.data.normalize import Normalizer  # noqa: E402
-from diffpolicy.policy import make_policy, normalizer_spec  # noqa: E402
+from diffpolicy.policy import load_policy, make_policy, normalizer_spec  # noqa: E402
 
 SHAPE_META = {
     "obs": {"img": {"shape": [3, 40, 40], "type": "rgb"}, "agent_pos": {"shape": [2], "type": "low_dim"}},

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from diffpolicy.checkpoint import load_policy, load_training_state
+from diffpolicy.checkpoint import load_training_state
+from diffpolicy.policy import load_policy
 from diffpolicy.training.trainer import EpochBatchSampler, ResumeMismatch, Trainer, TrainingDiverged
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,23 +99,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild the policy stored at `path` (no optimizer or trainer needed) and return it with its config."""
-    from diffpolicy.policy import POLICY_TYPES
+def read_config(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
+    """The checkpoint's validated config.yaml and the run config inside it.
 
+    Rebuilding the policy is `diffpolicy.policy.load_policy` (or `<PolicyClass>.from_pretrained`): this
+    module knows the folder format, not the policy classes, so that policy.py depends on it and never the
+    other way round.
+    """
     path = Path(path)
     meta = read_meta(path)
     try:
         run_cfg = from_dict(meta["run"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    classes = {cls.__name__: cls for cls in POLICY_TYPES.values()}
-    cls = classes.get(meta["policy_class"])
-    if cls is None:
-        raise CheckpointError(f"{path}: unknown policy class '{meta['policy_class']}'")
-    # The weights come from the checkpoint: the backbone's pretrained file need not exist here any more.
-    policy_cfg = replace(run_cfg.policy, vision=replace(run_cfg.policy.vision, pretrained_weights=None))
-    policy = cls(policy_cfg, meta["shape_meta"])
+    return meta, run_cfg
+
+
+def load_weights(policy: torch.nn.Module, path: str | Path) -> None:
+    """Load the checkpoint's weights into `policy`, built from the same checkpoint's config."""
+    path = Path(path)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
@@ -142,7 +143,6 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
     policy.load_state_dict(state)
     if not policy.normalizer.is_fitted:
         raise CheckpointError(f"{path}: the normalizer was saved unfitted")
-    return policy.to(device).eval(), run_cfg
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

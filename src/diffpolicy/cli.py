@@ -76,9 +76,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from diffpolicy.checkpoint import load_policy
     from diffpolicy.config import with_overrides
     from diffpolicy.evaluation import evaluate
+    from diffpolicy.policy import load_policy
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
 

@@ -208,7 +208,7 @@ class TrainConfig:
 
 @dataclass
 class DistillConfig:
-    """Consistency distillation of a trained diffusion policy (`diffpolicy distill`, see distill.py).
+    """Consistency distillation of a trained diffusion policy (`diffpolicy distill`, see distill/).
 
     The distillation run starts from the teacher's own run config; num_steps, lr and warmup_steps here
     replace the teacher's train.num_steps / train.lr / train.warmup_steps (a distillation needs far fewer
@@ -224,7 +224,7 @@ class DistillConfig:
     # trajectory distillation, a two-time student G(x_t, t, s) trained on jumps to any lower grid point s,
     # compared at the clean end through the target network (CTM, Consistency Policy) | dmd: distribution
     # matching of the 1-step chunks against the teacher's (DMD / One-Step Diffusion Policy), best as a
-    # fine-tune of a cm student (distill.init_student). See distill.py.
+    # fine-tune of a cm student (distill.init_student). See distill/dmd.py.
     objective: str = "cm"
     loss: str = "huber"  # consistency loss: huber (pseudo-Huber, as LCM) | mse
     huber_c: float = 1.0e-3
@@ -232,11 +232,11 @@ class DistillConfig:
     target_ema_decay: float = 0.95  # the target network's EMA of the student (LCM's default)
     # How far down the grid the teacher's ODE solver goes before the target network takes over:
     # one (one grid step, LCM) | uniform (1..i steps, uniformly: CTM's soft consistency) | full (to the
-    # clean end: the teacher's own DDIM-N result is the target, no bootstrapping). See distill.py.
+    # clean end: the teacher's own DDIM-N result is the target, no bootstrapping). See distill/consistency.py.
     solver_span: str = "one"
     # What the top of the grid (where 1-step sampling starts) learns: ode (the consistency target, the
     # teacher's ODE from t = T - 1) | ddim (the teacher's DDIM-N sampler as `eval.sampler=ddim` runs it,
-    # with its policy.scheduler.timestep_spacing, leading by default, from the same noise). See distill.py.
+    # with its policy.scheduler.timestep_spacing, leading by default, same noise). See distill/consistency.py.
     top_target: str = "ode"
     # DDIM sub-steps per grid step of the teacher's solve: 1 (LCM) .. k = T // grid (one per timestep, the
     # ODE as DDIM-T solves it). The targets stay on the grid; each teacher call costs a forward pass.
@@ -245,7 +245,7 @@ class DistillConfig:
     # fine-tune a distilled student with another objective or budget, on a fresh schedule. Its networks
     # and normalizer must match the teacher's.
     init_student: str = ""
-    # distill.objective=dmd (distribution matching, DMD / One-Step Diffusion Policy; see distill.py): the
+    # distill.objective=dmd (distribution matching, DMD / One-Step Diffusion Policy; see distill/dmd.py): the
     # fake score network's optimizer steps per student step and learning rate, and the range of timesteps
     # at which the student's 1-step chunks are noised and scored (DMD's [0.02 T, 0.98 T]).
     dmd_fake_updates: int = 2
@@ -283,7 +283,7 @@ class EvalConfig:
     # Scale of the initial noise x_T (DiffusionPolicy.noise_scale): 1 samples the learned distribution;
     # below 1 is low-temperature sampling (nearer the chunk distribution's modes, less diverse), 0 makes a
     # 1-step consistency policy deterministic. Noise injected later (DDPM steps, chain re-noising) is
-    # not scaled. On Push-T below 1 hurt and above 1 did not help (BENCHMARKS.md).
+    # not scaled. On Push-T below 1 hurt and above 1 did not help (docs/research).
     noise_scale: float = 1.0
     # Inference fast paths (DiffusionPolicy.set_fast_paths): bf16 autocast of the network calls, and
     # torch.compile's mode (reduce-overhead also captures CUDA graphs on GPU); null = eager.

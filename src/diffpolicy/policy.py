@@ -20,8 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
-from torch import nn
+from torch import Generator, Tensor, nn
 
+from diffpolicy.checkpoint import CheckpointError, load_weights, read_config
 from diffpolicy.config import (
     COMPILE_MODES,
     PRECISIONS,
@@ -29,6 +30,7 @@ from diffpolicy.config import (
     ConsistencyConfig,
     NoiseSchedulerConfig,
     PolicyConfig,
+    RunConfig,
     TrainConfig,
 )
 from diffpolicy.data.normalize import Normalizer
@@ -39,19 +41,23 @@ class NonFiniteActionError(RuntimeError):
     """The policy produced NaN/inf actions; they must never reach an environment."""
 
 
+# NoiseSchedulerConfig fields every diffusers scheduler takes, under the same names
+SCHEDULER_FIELDS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "clip_sample",
+    "prediction_type",
+)
+
+
 def make_scheduler(
     cfg: NoiseSchedulerConfig, sampler: str | None = None, consistency: ConsistencyConfig | None = None
 ) -> DDPMScheduler | DDIMScheduler | LCMScheduler:
     """The diffusers scheduler for `sampler`: "ddpm" (training and DDPM sampling), "ddim", or "consistency"
     (LCMScheduler over the distillation grid of `consistency`, which fixes its own timesteps)."""
-    common = dict(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        clip_sample=cfg.clip_sample,
-        prediction_type=cfg.prediction_type,
-    )
+    common = {name: getattr(cfg, name) for name in SCHEDULER_FIELDS}
     sampler = sampler or cfg.sampler
     if sampler == "consistency":
         consistency = consistency or ConsistencyConfig()
@@ -137,6 +143,11 @@ class BasePolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def default_stop(self) -> int | None:
+        """The stop time `call_net` uses when given none: None (a network without a stop-time input)."""
+        return None
+
     # ----- conditioning -------------------------------------------------------------------------
     def encode_obs(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalize and encode the last n_obs_steps observations: (B, To, F)."""
@@ -168,8 +179,10 @@ class BasePolicy(nn.Module):
         stop: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """The noise network (or `net`, a compiled form of it) on (sample, t, condition); `stop` is the
-        stop time of a CTM student's jump (policy.consistency.ctm), None for every other network."""
+        stop time of a CTM student's jump (policy.consistency.ctm), None for every other network; a
+        network that takes one gets `default_stop` when called without it."""
         net = net or self.net
+        stop = self.default_stop if stop is None else stop
         if self.cfg.net == "unet":
             if stop is not None:
                 return net(sample, t, global_cond=cond, stop_timestep=stop)
@@ -217,8 +230,6 @@ class BasePolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> BasePolicy:
         """Rebuild a policy from a checkpoint folder (config + normalizer + safetensors weights)."""
-        from diffpolicy.checkpoint import load_policy
-
         policy, _ = load_policy(path, device=device)
         if not isinstance(policy, cls):
             raise TypeError(f"{path} holds a {type(policy).__name__}, not a {cls.__name__}")
@@ -450,9 +461,15 @@ class DiffusionPolicy(BasePolicy):
         for t in self.sampler.timesteps:
             if cond_mask is not None:
                 sample = torch.where(cond_mask, cond_traj, sample)
-            out = self._denoise_call(sample, t, cond)
-            sample = self.sampler.step(out, t, sample, generator=generator).prev_sample
+            sample = self._sampler_step(sample, t, cond, generator)
         return sample
+
+    def _sampler_step(
+        self, sample: Tensor, t: Tensor, cond: Tensor | None, generator: Generator | None
+    ) -> Tensor:
+        """One step of the sampling loop: a network call and the sampler's move to its next timestep."""
+        out = self._denoise_call(sample, t, cond)
+        return self.sampler.step(out, t, sample, generator=generator).prev_sample
 
     @torch.inference_mode()
     def predict_action(
@@ -491,7 +508,7 @@ class ConsistencyPolicy(DiffusionPolicy):
     spacing stops at t = 39 for 3 steps on a grid of 10, and chains that stop at mid noise lose most of the
     1-step student's success (trajectory2d, 3000-step student: 1 step 0.68; 3 steps [99, 69, 39] 0.32,
     [99, 39, 9] 0.74, [99, 49, 9] 0.66).
-    `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill.py.
+    `compute_loss` stays the DDPM loss (the trainer's validation loss); distillation is in distill/.
 
     A CTM student (policy.consistency.ctm, from `distill.objective=ctm`) has a network with a second time
     input, the stop time s, and jumps from x_t to any x_s (`jump`): G(x_t, t, s) is the DDIM move from t
@@ -506,23 +523,14 @@ class ConsistencyPolicy(DiffusionPolicy):
 
     @property
     def sampler_name(self) -> str:
-        # a CTM student's chain is `_sample_loop`'s own (its clean jumps have no LCM scalings)
+        # a CTM student's chain steps are `_sampler_step`'s own (its clean jumps have no LCM scalings)
         return "CTM jumps" if self.is_ctm else super().sampler_name
 
-    def call_net(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor | int,
-        cond: torch.Tensor | None,
-        net: Any = None,
-        stop: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
-        """As BasePolicy.call_net; a CTM student called without a stop time jumps to the clean end (s = -1),
-        so its DDPM loss (`compute_loss`, the trainer's validation loss) reads the same output as a CM
-        student's."""
-        if self.is_ctm and stop is None:
-            stop = -1
-        return super().call_net(sample, t, cond, net=net, stop=stop)
+    @property
+    def default_stop(self) -> int | None:
+        """A CTM student called without a stop time jumps to the clean end (s = -1), so its DDPM loss
+        (`compute_loss`, the trainer's validation loss) reads the same output as a CM student's."""
+        return -1 if self.is_ctm else None
 
     def jump(
         self, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor | None
@@ -534,29 +542,23 @@ class ConsistencyPolicy(DiffusionPolicy):
         x0 = self.predict_x0(self.call_net(sample, t, cond, stop=s), sample, t)
         return self.ddim_jump(sample, x0, t, s), x0
 
-    def _sample_loop(
-        self,
-        sample: torch.Tensor,
-        cond: torch.Tensor | None,
-        cond_traj: torch.Tensor,
-        cond_mask: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+    def _sampler_step(
+        self, sample: Tensor, t: Tensor, cond: Tensor | None, generator: Generator | None
+    ) -> Tensor:
+        """A CTM student's step: its clean jump g(x, t, -1), re-noised to the chain's next time (none after
+        the last); a CM student's is LCMScheduler's step."""
         if not self.is_ctm:
-            return super()._sample_loop(sample, cond, cond_traj, cond_mask, generator)
+            return super()._sampler_step(sample, t, cond, generator)
         sched = self.noise_scheduler.config
-        x0 = sample
-        for j, t in enumerate(self.consistency_chain()):
-            t_b = torch.full((sample.shape[0],), t, device=sample.device, dtype=torch.long)
-            if j:  # re-noise the last clean estimate to this chain time
-                noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                sample = self.noise_scheduler.add_noise(x0, noise, t_b)
-            if cond_mask is not None:
-                sample = torch.where(cond_mask, cond_traj, sample)
-            x0 = self.predict_x0(self._denoise_call(sample, t_b, cond, stop=-1), sample, t_b)
-            if sched.clip_sample:
-                x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
-        return x0
+        t_b = torch.full((sample.shape[0],), int(t), device=sample.device, dtype=torch.long)
+        x0 = self.predict_x0(self._denoise_call(sample, t_b, cond, stop=-1), sample, t_b)
+        if sched.clip_sample:
+            x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+        later = self.sampler.timesteps[self.sampler.timesteps < t]
+        if not len(later):
+            return x0
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.noise_scheduler.add_noise(x0, noise, torch.full_like(t_b, int(later[0])))
 
     def set_sampler(
         self, sampler: str, num_inference_steps: int, timestep_spacing: str | None = None
@@ -641,6 +643,8 @@ class MseBCPolicy(BasePolicy):
         return self.select_executed(self.check_actions(action_pred))
 
 
+# The one registry of policy classes: config `policy.type` -> class. make_policy builds from it, and
+# load_policy finds a checkpoint's class (saved by name) in it. A new policy class is added here only.
 POLICY_TYPES: dict[str, type[BasePolicy]] = {
     "diffusion": DiffusionPolicy,
     "mse_bc": MseBCPolicy,
@@ -648,5 +652,25 @@ POLICY_TYPES: dict[str, type[BasePolicy]] = {
 }
 
 
+def policy_class(name: str) -> type[BasePolicy] | None:
+    """The registered class for a config `policy.type` ("diffusion") or a saved class name ("MseBCPolicy")."""
+    if name in POLICY_TYPES:
+        return POLICY_TYPES[name]
+    return next((cls for cls in POLICY_TYPES.values() if cls.__name__ == name), None)
+
+
 def make_policy(cfg: PolicyConfig, shape_meta: dict[str, Any]) -> BasePolicy:
     return POLICY_TYPES[cfg.type](cfg, shape_meta)
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[BasePolicy, RunConfig]:
+    """Rebuild the policy stored at `path` (no optimizer or trainer needed) and return it with its config."""
+    meta, run_cfg = read_config(path)
+    cls = policy_class(meta["policy_class"])
+    if cls is None:
+        raise CheckpointError(f"{path}: unknown policy class '{meta['policy_class']}'")
+    # The weights come from the checkpoint: the backbone's pretrained file need not exist here any more.
+    policy_cfg = replace(run_cfg.policy, vision=replace(run_cfg.policy.vision, pretrained_weights=None))
+    policy = cls(policy_cfg, meta["shape_meta"])
+    load_weights(policy, path)
+    return policy.to(device).eval(), run_cfg

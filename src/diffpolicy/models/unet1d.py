@@ -32,27 +32,23 @@ class Conv1dBlock(nn.Module):
 
 
 class ConditionalResidualBlock1D(nn.Module):
-    """Two Conv1dBlocks with FiLM after the first; 1x1 conv on the skip path when channels change."""
+    """Two Conv1dBlocks with FiLM after the first; 1x1 conv on the skip path when channels change.
+
+    c_in / c_out channels, cond_dim the condition's width, kernel / groups the convolutions' kernel size
+    and GroupNorm groups, film_scale: FiLM predicts a per-channel scale as well as a bias.
+    """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        cond_dim: int,
-        kernel_size: int = 5,
-        n_groups: int = 8,
-        cond_predict_scale: bool = True,
+        self, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int, film_scale: bool
     ) -> None:
         super().__init__()
-        self.out_channels = out_channels
-        self.cond_predict_scale = cond_predict_scale
-        self.block1 = Conv1dBlock(in_channels, out_channels, kernel_size, n_groups)
-        self.block2 = Conv1dBlock(out_channels, out_channels, kernel_size, n_groups)
-        film_dim = 2 * out_channels if cond_predict_scale else out_channels
+        self.out_channels = c_out
+        self.cond_predict_scale = film_scale
+        self.block1 = Conv1dBlock(c_in, c_out, kernel, groups)
+        self.block2 = Conv1dBlock(c_out, c_out, kernel, groups)
+        film_dim = 2 * c_out if film_scale else c_out
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, film_dim))
-        self.residual_conv = (
-            GemmConv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
+        self.residual_conv = GemmConv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         """x: (B, C_in, T), cond: (B, cond_dim) -> (B, C_out, T)."""
@@ -67,23 +63,15 @@ class ConditionalResidualBlock1D(nn.Module):
         return h + self.residual_conv(x)
 
 
-class Downsample1d(nn.Module):
-    """Halve the time length with a strided convolution."""
+class Resample1d(nn.Module):
+    """Halve the time length with a strided convolution, or double it (`up`) with a transposed one."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, up: bool = False) -> None:
         super().__init__()
-        self.conv = GemmConv1d(channels, channels, kernel_size=3, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
-class Upsample1d(nn.Module):
-    """Double the time length with a transposed convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = GemmConvTranspose1d(channels, channels, kernel_size=4, stride=2, padding=1)
+        if up:
+            self.conv = GemmConvTranspose1d(channels, channels, kernel_size=4, stride=2, padding=1)
+        else:
+            self.conv = GemmConv1d(channels, channels, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
@@ -143,7 +131,7 @@ class ConditionalUnet1D(nn.Module):
 
         def res_block(c_in: int, c_out: int) -> ConditionalResidualBlock1D:
             return ConditionalResidualBlock1D(
-                c_in, c_out, cond_dim, kernel_size, n_groups, cond_predict_scale=cond_predict_scale
+                c_in, c_out, cond_dim, kernel_size, n_groups, cond_predict_scale
             )
 
         widths = (input_dim, *down_dims)
@@ -157,7 +145,7 @@ class ConditionalUnet1D(nn.Module):
                     [
                         res_block(c_in, c_out),
                         res_block(c_out, c_out),
-                        nn.Identity() if is_deepest else Downsample1d(c_out),
+                        nn.Identity() if is_deepest else Resample1d(c_out),
                     ]
                 )
             )
@@ -169,7 +157,7 @@ class ConditionalUnet1D(nn.Module):
         self.up_modules = nn.ModuleList()
         for c_in, c_out in reversed(levels[1:]):
             self.up_modules.append(
-                nn.ModuleList([res_block(2 * c_out, c_in), res_block(c_in, c_in), Upsample1d(c_in)])
+                nn.ModuleList([res_block(2 * c_out, c_in), res_block(c_in, c_in), Resample1d(c_in, up=True)])
             )
 
         self.final_conv = nn.Sequential(

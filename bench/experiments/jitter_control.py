@@ -1,15 +1,15 @@
 """Control for distill.objective=dmd: does a student succeed more often only because its chunks are noisier?
 
-    python bench/jitter_control.py --checkpoint runs/cd_small/checkpoints/latest --sigma 0.0155 \\
+    python bench/experiments/jitter_control.py --checkpoint runs/cd_small/checkpoints/latest --sigma 0.0155 \\
         --episodes 200 --out runs/eval200_cd_small_jitter_1 eval.num_inference_steps=1
 
 Distribution-matched students (distill.objective=dmd) roll out better than the consistency students they
-start from, and their chunks are rougher (bench/consistency_fit.py). This adds independent Gaussian noise of
-std `--sigma` (normalized action units, [-1, 1]) to every action of every sampled chunk, before
-unnormalizing, and evaluates as `diffpolicy eval` does. Independent noise adds 6 sigma^2 to the
+start from, and their chunks are rougher (bench/experiments/consistency_fit.py). This adds independent
+Gaussian noise of std `--sigma` (normalized action units, [-1, 1]) to every action of every sampled
+chunk, before unnormalizing, and evaluates as `diffpolicy eval` does. Independent noise adds 6 sigma^2 to the
 roughness (mean squared second difference) and 2 sigma^2 to the spread (two samples' mean squared
 difference), so sigma can be matched to the roughness measured for a DMD student. Not part of the
-package: a control for one experiment (BENCHMARKS.md, issue 4).
+package: a control for one experiment (docs/research, issue 4).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.config import with_overrides
 from diffpolicy.evaluation import evaluate
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 
 

@@ -1,6 +1,6 @@
 """How closely do consistency students' 1-step chunks follow their teacher's DDIM chunks from the same noise?
 
-    python bench/consistency_fit.py --teacher runs/pusht_state_v/checkpoints/latest \\
+    python bench/experiments/consistency_fit.py --teacher runs/pusht_state_v/checkpoints/latest \\
         --students runs/pusht_state_v_cd/checkpoints/latest runs/cd_full/checkpoints/latest
 
 Offline and fast (about a minute on one CPU thread): no rollouts. On `--windows` training windows of the
@@ -21,9 +21,9 @@ import argparse
 import torch
 from torch.utils.data import default_collate
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.distill import load_teacher
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 from diffpolicy.training.trainer import make_dataset
 

@@ -1,6 +1,6 @@
 """Capacity experiment: distill a teacher into a *wider* student than itself.
 
-    python bench/wide_student.py --teacher runs/pusht_state_v_small/checkpoints/latest \\
+    python bench/experiments/wide_student.py --teacher runs/pusht_state_v_small/checkpoints/latest \\
         --init runs/pusht_state_v/checkpoints/latest --run-dir runs/cd_small_wide \\
         distill.num_steps=10000 train.batch_size=64 eval.n_episodes=0
 
@@ -9,9 +9,9 @@ teacher's. Here the student takes the U-Net of `--init` (another v-prediction po
 demonstrations, hence the same normalizer statistics) and its weights, and distills `--teacher`'s
 probability-flow ODE with the unchanged objective. Comparing its 1-step success with the same-size
 student's, against the same teacher, asks whether the one-call map is short of capacity. The starting
-weights are a different denoiser of the same data, which is a confound: `bench/consistency_fit.py` with
-each teacher tells which of the two ODEs the student ends up following. Not part of the package: a
-result, not a feature (BENCHMARKS.md, issue 4).
+weights are a different denoiser of the same data, which is a confound:
+`bench/experiments/consistency_fit.py` with each teacher tells which of the two ODEs the student ends up
+following. Not part of the package: a result, not a feature (docs/research, issue 4).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.distill import DistillTrainer, TeacherError, distill_config
-from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, load_policy
 from diffpolicy.training.trainer import log
 
 

@@ -1,6 +1,7 @@
 """CTM experiment: how often should a CTM student's training jump stop at the clean end?
 
-    python bench/ctm_stops.py --clean-stop 0.5 --teacher runs/pusht_state_v_small/checkpoints/latest \\
+    python bench/experiments/ctm_stops.py --clean-stop 0.5 \\
+        --teacher runs/pusht_state_v_small/checkpoints/latest \\
         --run-dir runs/ctm_small_clean50 distill.num_steps=10000 train.batch_size=64 eval.n_episodes=0
 
 `distill.objective=ctm` draws the stop point s uniformly below t, as Consistency Policy does, so the
@@ -8,7 +9,7 @@ jump that 1-step sampling makes (from the top of the grid to the clean end) is 1
 training samples (1% on a grid of 10), against 1 in N for the CM student. Here a fraction `--clean-stop`
 of the samples stops at the clean end instead and the rest keep the uniform draw: 1 moves the objective
 to CM's (with the CTM parameterization), 0 is `distill.objective=ctm` itself. Not part of the package:
-a result, not a feature (BENCHMARKS.md, issue 4).
+a result, not a feature (docs/research, issue 4).
 """
 
 from __future__ import annotations

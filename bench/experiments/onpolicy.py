@@ -3,23 +3,23 @@ on the states its own rollouts visit, and does distilling on those states help?
 
     # 1. roll out a 1-step student on training-range seeds, record the observation windows it acts on,
     #    label each with the teacher's own sampler (DDPM-100 for the Push-T teacher)
-    python bench/onpolicy.py collect --teacher runs/pusht_state_v/checkpoints/latest \\
+    python bench/experiments/onpolicy.py collect --teacher runs/pusht_state_v/checkpoints/latest \\
         --student runs/cd_20k/checkpoints/latest --episodes 400 --seed 1000 --out runs/dagger/onpolicy_400.pt
     # 2. fine-tune the student on demonstration windows + those labelled windows (distill.* overrides as
     #    for `diffpolicy distill`); `--extra none` is the control: the same fine-tuning, demonstrations only
-    python bench/onpolicy.py distill --teacher runs/pusht_state_v/checkpoints/latest \\
+    python bench/experiments/onpolicy.py distill --teacher runs/pusht_state_v/checkpoints/latest \\
         --run-dir runs/cd_20k_ft_dagger --extra runs/dagger/onpolicy_400.pt \\
         distill.init_student=runs/cd_20k/checkpoints/latest distill.lr=1e-4 distill.num_steps=4000 \\
         train.batch_size=64 eval.n_episodes=0
     # 3. how far the student is from the teacher's ODE on training windows vs its own rollouts' states
-    python bench/onpolicy.py fit --teacher runs/pusht_state_v/checkpoints/latest \\
+    python bench/experiments/onpolicy.py fit --teacher runs/pusht_state_v/checkpoints/latest \\
         --student runs/cd_20k/checkpoints/latest --episodes 60 --seed 200000
 
 The windows are recorded where the policy is called (every n_action_steps), for every environment of a
 vectorized batch, including environments whose episode already ended (gymnasium resets those, so their
 windows are still states under the student's control, from fresh start states). Seeds must stay below
 the evaluation seeds (100000 onwards), as collection seeds do. Not part of the package: it lives here
-until it earns a place in `diffpolicy distill` (BENCHMARKS.md, issue 4).
+until it earns a place in `diffpolicy distill` (docs/research, issue 4).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
-from diffpolicy.checkpoint import load_policy
 from diffpolicy.config import EvalConfig
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.distill import DistillTrainer, distill_config, load_teacher
 from diffpolicy.evaluation import run_rollouts
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 from diffpolicy.tasks.base import Task
 from diffpolicy.training.trainer import make_dataset

@@ -1,6 +1,7 @@
 """Average the weights of several policies of one architecture ("uniform model soup", Wortsman et al. 2022).
 
-    python bench/soup.py --out runs/cd_soup runs/cd_20k/checkpoints/latest runs/cd_30k/checkpoints/latest ...
+    python bench/experiments/soup.py --out runs/cd_soup \\
+        runs/cd_20k/checkpoints/latest runs/cd_30k/checkpoints/latest ...
     diffpolicy eval --checkpoint runs/cd_soup --episodes 200 eval.num_inference_steps=1
 
 Soups help fine-tunes of one pretrained network that stay in its loss basin; consistency students
@@ -14,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffpolicy.checkpoint import load_policy, save_checkpoint
+from diffpolicy.checkpoint import save_checkpoint
+from diffpolicy.policy import load_policy
 
 
 def main() -> None:

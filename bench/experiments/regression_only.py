@@ -1,6 +1,6 @@
 """Control for distill.dmd_regression_weight: the regression term alone, without distribution matching.
 
-    python bench/regression_only.py --teacher runs/pusht_state_v_30k/checkpoints/latest \\
+    python bench/experiments/regression_only.py --teacher runs/pusht_state_v_30k/checkpoints/latest \\
         --run-dir runs/regonly_30kT_s0 distill.init_student=runs/cd30kT_s0/checkpoints/latest \\
         distill.num_steps=3000 distill.lr=1e-5 train.batch_size=64 train.seed=0 eval.n_episodes=0
 
@@ -10,7 +10,7 @@ distribution-matching term, or just more training of the 1-step map on a fresh s
 noise z against the teacher's grid ODE solve from the same z, w = distill.dmd_regression_weight
 (default here 2, as in the runs it controls), no fake-network updates and no
 DMD term. Everything else (data, schedule, EMA, checkpoints) is the package's. Not part of the package:
-a control for one experiment (BENCHMARKS.md, issue 4).
+a control for one experiment (docs/research, issue 4).
 """
 
 from __future__ import annotations
