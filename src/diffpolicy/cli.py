@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | distill | eval | demo | bench | dataset | presets.
+"""Command line: diffpolicy collect | train | distill | eval | serve | demo | bench | dataset | presets.
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -82,11 +82,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
 
-    policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
     # Only evaluation settings may be overridden: the policy is what the checkpoint says it is.
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"diffpolicy eval accepts only eval.* overrides, got {bad}")
+    if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
+        from diffpolicy.config import from_dict
+        from diffpolicy.serving.client import PolicyClient, RemotePolicy
+
+        policy = RemotePolicy(PolicyClient(args.remote))
+        saved = from_dict(policy.client.info()["run"])
+        label = f"{args.remote} (served)"
+    elif args.checkpoint:
+        policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
+        label = str(args.checkpoint)
+    else:
+        raise ConfigError("diffpolicy eval needs --checkpoint or --remote HOST:PORT")
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
@@ -95,9 +106,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
         )
     task = make_task(cfg.task.name, **cfg.task.kwargs)
-    out = Path(args.out or Path(args.checkpoint) / "eval")
-    report = evaluate(policy, task, cfg.eval, out, label=str(args.checkpoint))
+    out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval-remote"))
+    report = evaluate(policy, task, cfg.eval, out, label=label)
     _print_summary(report, out)
+    if args.remote:
+        lat = policy.latencies
+        print("mean latency (ms): " + ", ".join(f"{k} {np.mean([x[k] for x in lat]):.2f}" for k in lat[0]))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.config import to_dict, with_overrides
+    from diffpolicy.evaluation import configure_inference
+    from diffpolicy.serving.server import PolicyServer
+    from diffpolicy.training.trainer import resolve_device
+
+    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"diffpolicy serve accepts only eval.* overrides (sampler, steps...), got {bad}")
+    policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
+    cfg = with_overrides(saved, args.overrides)
+    configure_inference(policy, cfg.eval)
+    server = PolicyServer(
+        policy,
+        to_dict(cfg),
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms,
+        seed=args.seed,
+    ).start()
+    print(f"serving {args.checkpoint} on {server.address} (Ctrl+C or SIGTERM stops)", flush=True)
+    server.serve_until_signal(args.max_seconds)
+    print(f"stopped after {server.batches_run} batches", flush=True)
     return 0
 
 
@@ -265,12 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint in closed loop")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="checkpoint folder (or --remote)")
+    p.add_argument(
+        "--remote", metavar="HOST:PORT", help="evaluate the policy served there (diffpolicy serve)"
+    )
     p.add_argument("--episodes", type=int)
     p.add_argument("--out", help="report folder (default <checkpoint>/eval)")
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over gRPC to PolicyClient / eval --remote clients")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=int, default=64, help="most rows stacked into one policy call")
+    p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by mixed batches")
+    p.add_argument("--max-seconds", type=float, help="stop by itself after this long")
+    p.add_argument("overrides", nargs="*", help="eval.* inference overrides, e.g. eval.sampler=ddim")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="collect + train (diffusion and MSE-BC) + evaluate + report, on CPU")
     p.add_argument("--out", help="demo folder (default runs/demo-<time>)")

@@ -121,6 +121,21 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int = 10) -> list[Pat
     return [mp4, gif]
 
 
+def configure_inference(policy: torch.nn.Module, cfg: EvalConfig) -> None:
+    """Apply eval.* inference settings (sampler, steps, spacing, precision, compile, noise scale) to a
+    policy; shared by evaluation and the policy server (`diffpolicy serve`)."""
+    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps or cfg.timestep_spacing):
+        policy.set_sampler(
+            cfg.sampler or policy.cfg.scheduler.sampler,
+            cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
+            cfg.timestep_spacing,
+        )
+    if hasattr(policy, "set_fast_paths"):
+        policy.set_fast_paths(cfg.precision, cfg.compile)
+    if hasattr(policy, "noise_scale"):
+        policy.noise_scale = cfg.noise_scale
+
+
 def evaluate(
     policy: torch.nn.Module,
     task: Task,
@@ -137,16 +152,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = policy.training
     policy.eval()
-    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps or cfg.timestep_spacing):
-        policy.set_sampler(
-            cfg.sampler or policy.cfg.scheduler.sampler,
-            cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
-            cfg.timestep_spacing,
-        )
-    if hasattr(policy, "set_fast_paths"):
-        policy.set_fast_paths(cfg.precision, cfg.compile)
-    if hasattr(policy, "noise_scale"):
-        policy.noise_scale = cfg.noise_scale
+    configure_inference(policy, cfg)
     t0 = time.perf_counter()
     rollouts = run_rollouts(policy, task, cfg, n, cfg.seed)
     elapsed = time.perf_counter() - t0
