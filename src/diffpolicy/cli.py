@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | distill | eval | serve | demo | bench | dataset | presets.
+"""Command line: diffpolicy collect | train | distill | eval | serve | export | demo | bench | dataset | ...
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -113,6 +113,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lat = policy.latencies
         print("mean latency (ms): " + ", ".join(f"{k} {np.mean([x[k] for x in lat]):.2f}" for k in lat[0]))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.serving.export import ExportedPolicy, example_obs, export_policy
+
+    policy, _ = load_policy(args.checkpoint)
+    out = Path(args.out or Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-torchscript")
+    export_policy(policy, out)
+    exported = ExportedPolicy(out)
+    obs = example_obs(policy.shape_meta, policy.n_obs_steps, batch=4)
+    ref = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
+    got = exported.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
+    diff = float((ref - got).abs().max())
+    print(f"exported {args.checkpoint} to {out} (TorchScript); max |action - PyTorch| = {diff:.3g}")
+    return 0 if diff <= args.tolerance else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -328,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, help="stop by itself after this long")
     p.add_argument("overrides", nargs="*", help="eval.* inference overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="TorchScript export (encoder + noise net), checked against PyTorch")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="export folder (default <checkpoint>-torchscript beside it)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max |action difference| accepted")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="collect + train (diffusion and MSE-BC) + evaluate + report, on CPU")
     p.add_argument("--out", help="demo folder (default runs/demo-<time>)")
