@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | distill | eval | serve | export | demo | bench | dataset | ...
+"""Command line: diffpolicy collect | train | distill | eval | serve | export | record | demo | bench | ...
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -131,6 +131,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     diff = float((ref - got).abs().max())
     print(f"exported {args.checkpoint} to {out} (TorchScript); max |action - PyTorch| = {diff:.3g}")
     return 0 if diff <= args.tolerance else 1
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from diffpolicy.tasks.record import record_pusht
+
+    if args.task != "pusht":
+        raise ValueError(f"record supports --task pusht only, not {args.task!r}")
+    out = args.out or ("data/pusht_teleop.zarr" if args.format == "zarr" else "data/pusht_teleop")
+    kept = record_pusht(
+        out,
+        args.episodes,
+        obs_type=args.obs,
+        seed=args.seed,
+        fps=args.fps,
+        fmt=args.format,
+        overwrite=args.overwrite,
+    )
+    print(f"kept {kept} episode(s) in {out}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -352,6 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export folder (default <checkpoint>-torchscript beside it)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max |action difference| accepted")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "record", help="record demonstrations by teleoperation (mouse; Enter keeps, Left redoes, q quits)"
+    )
+    p.add_argument("--task", default="pusht")
+    p.add_argument("--episodes", type=int, default=10, help="episodes to keep")
+    p.add_argument("--obs", choices=["state", "image"], default="state", help="which observations to store")
+    p.add_argument("--seed", type=int, default=100_000, help="seed of the first episode's initial state")
+    p.add_argument("--fps", type=float, default=10.0, help="control rate (Push-T: 10 Hz)")
+    p.add_argument(
+        "--format", choices=["zarr", "lerobot"], default="zarr", help="EpisodeStore or LeRobot v3.0"
+    )
+    p.add_argument("--out", help="output (default data/pusht_teleop.zarr, or data/pusht_teleop for lerobot)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("demo", help="collect + train (diffusion and MSE-BC) + evaluate + report, on CPU")
     p.add_argument("--out", help="demo folder (default runs/demo-<time>)")
