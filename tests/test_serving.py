@@ -176,3 +176,17 @@ def test_cli_serve_stops_on_sigterm(checkpoint):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cli_eval_remote_matches_local(served, checkpoint, tmp_path, capsys):
+    import json
+
+    from diffpolicy.cli import main
+
+    server, _, _ = served
+    common = ["--episodes", "2", "eval.n_envs=2", "eval.max_steps=16"]
+    assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "local"), *common]) == 0
+    assert main(["eval", "--remote", server.address, "--out", str(tmp_path / "remote"), *common]) == 0
+    assert "mean latency (ms): queue_ms" in capsys.readouterr().out
+    local, remote = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("local", "remote"))
+    assert local["episodes"] == remote["episodes"] and local["mean_max_reward"] == remote["mean_max_reward"]
