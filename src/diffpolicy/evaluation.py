@@ -37,19 +37,26 @@ def _make_envs(task: Task, n: int, render: bool) -> gym.vector.VectorEnv:
 
 
 def run_rollouts(
-    policy: torch.nn.Module, task: Task, cfg: EvalConfig, n_episodes: int, first_seed: int
+    policy: torch.nn.Module,
+    task: Task,
+    cfg: EvalConfig,
+    n_episodes: int,
+    first_seed: int,
+    controller: RecedingHorizonController | None = None,
 ) -> list[Rollout]:
-    """Roll the policy out on seeds first_seed .. first_seed+n_episodes-1, n_envs at a time."""
+    """Roll the policy out on seeds first_seed .. first_seed+n_episodes-1, n_envs at a time (through
+    `controller` if given, e.g. control.AsyncChunkController; by default the eval config's own)."""
     max_steps = cfg.max_steps or task.max_episode_steps
     n_envs = max(1, min(cfg.n_envs, n_episodes))
-    generator = torch.Generator(device=policy.device).manual_seed(first_seed)
-    controller = RecedingHorizonController(
-        policy,
-        n_action_steps=cfg.n_action_steps,
-        temporal_ensemble=cfg.temporal_ensemble,
-        ensemble_decay=cfg.ensemble_decay,
-        generator=generator,
-    )
+    if controller is None:
+        generator = torch.Generator(device=policy.device).manual_seed(first_seed)
+        controller = RecedingHorizonController(
+            policy,
+            n_action_steps=cfg.n_action_steps,
+            temporal_ensemble=cfg.temporal_ensemble,
+            ensemble_decay=cfg.ensemble_decay,
+            generator=generator,
+        )
     low_dim_keys = [k for k, m in policy.shape_meta["obs"].items() if m.get("type", "low_dim") == "low_dim"]
     rollouts: list[Rollout] = []
     render = cfg.n_videos > 0
