@@ -75,6 +75,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _only_eval_overrides(command: str, overrides: list[str]) -> None:
+    """Only evaluation settings may be overridden: the policy is what the checkpoint says it is."""
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"diffpolicy {command} accepts only eval.* overrides, got {bad}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.checkpoint import load_policy
     from diffpolicy.config import with_overrides
@@ -82,10 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
 
-    # Only evaluation settings may be overridden: the policy is what the checkpoint says it is.
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
-    if bad:
-        raise ConfigError(f"diffpolicy eval accepts only eval.* overrides, got {bad}")
+    _only_eval_overrides("eval", args.overrides)
     if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
         from diffpolicy.config import from_dict
         from diffpolicy.serving.client import PolicyClient, RemotePolicy
@@ -159,9 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffpolicy.serving.server import PolicyServer
     from diffpolicy.training.trainer import resolve_device
 
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
-    if bad:
-        raise ConfigError(f"diffpolicy serve accepts only eval.* overrides (sampler, steps...), got {bad}")
+    _only_eval_overrides("serve", args.overrides)
     policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
     cfg = with_overrides(saved, args.overrides)
     configure_inference(policy, cfg.eval)
