@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--delays-ms", type=float, nargs="*", default=[0, 100, 300])
     parser.add_argument("--modes", nargs="*", default=["sync", "ensemble", "naive", "rtc"])
     parser.add_argument("--control-hz", type=float, default=10.0, help="Push-T: 10 Hz")
-    parser.add_argument("--max-guidance", type=float, default=5.0)
+    parser.add_argument(
+        "--max-guidance", type=float, default=1000.0, help="clip of the PiGDM weight 1/(1-abar)"
+    )
     parser.add_argument("--n-envs", type=int, default=10)
     parser.add_argument("--out", help="JSON results")
     parser.add_argument("overrides", nargs="*", help="eval.* overrides (sampler, steps, n_action_steps)")

@@ -122,8 +122,10 @@ class PolicyServer:
         self.batches_run = 0
         self._encode_s = 0.0
         self._t_enc = 0.0
-        policy.obs_encoder.register_forward_pre_hook(self._encoder_started)
-        policy.obs_encoder.register_forward_hook(self._encoder_finished)
+        self._hooks = [  # time the observation encoder inside predict_action; removed by stop()
+            policy.obs_encoder.register_forward_pre_hook(self._encoder_started),
+            policy.obs_encoder.register_forward_hook(self._encoder_finished),
+        ]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
         handlers = {
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
@@ -169,6 +171,8 @@ class PolicyServer:
         self.stopped.set()
         if self._batcher.is_alive():
             self._batcher.join(timeout=grace + 5)
+        for hook in self._hooks:
+            hook.remove()
 
     def __enter__(self) -> PolicyServer:
         return self.start()
@@ -178,16 +182,16 @@ class PolicyServer:
 
     def serve_until_signal(self, max_seconds: float | None = None) -> None:
         """Block until SIGINT / SIGTERM (or `max_seconds`), then stop cleanly. Main thread only."""
+        requested = threading.Event()
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
-            signal.signal(s, lambda *_: self.stopped.set())
+            signal.signal(s, lambda *_: requested.set())
         try:
-            self.stopped.wait(max_seconds)
+            requested.wait(max_seconds)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self.stopped.clear()
-            self.stop()
+            self.stop()  # in-flight requests still get their chunks (grace period)
 
     # ----- RPC handlers (gRPC worker threads) ---------------------------------------------------
     def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
