@@ -1,4 +1,4 @@
-"""Command line: diffpolicy collect | train | distill | eval | demo | bench | dataset | presets.
+"""Command line: diffpolicy collect | train | distill | eval | serve | export | record | demo | bench | ...
 
 Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
 and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
@@ -75,6 +75,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _only_eval_overrides(command: str, overrides: list[str]) -> None:
+    """Only evaluation settings may be overridden: the policy is what the checkpoint says it is."""
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"diffpolicy {command} accepts only eval.* overrides, got {bad}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.config import with_overrides
     from diffpolicy.evaluation import evaluate
@@ -82,11 +89,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
 
-    policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
-    # Only evaluation settings may be overridden: the policy is what the checkpoint says it is.
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
-    if bad:
-        raise ConfigError(f"diffpolicy eval accepts only eval.* overrides, got {bad}")
+    _only_eval_overrides("eval", args.overrides)
+    if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
+        from diffpolicy.config import from_dict
+        from diffpolicy.serving.client import PolicyClient, RemotePolicy
+
+        policy = RemotePolicy(PolicyClient(args.remote))
+        saved = from_dict(policy.client.info()["run"])
+        label = f"{args.remote} (served)"
+    elif args.checkpoint:
+        policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
+        label = str(args.checkpoint)
+    else:
+        raise ConfigError("diffpolicy eval needs --checkpoint or --remote HOST:PORT")
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
@@ -95,9 +110,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
         )
     task = make_task(cfg.task.name, **cfg.task.kwargs)
-    out = Path(args.out or Path(args.checkpoint) / "eval")
-    report = evaluate(policy, task, cfg.eval, out, label=str(args.checkpoint))
+    out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval-remote"))
+    report = evaluate(policy, task, cfg.eval, out, label=label)
     _print_summary(report, out)
+    if args.remote:
+        lat = policy.latencies
+        print("mean latency (ms): " + ", ".join(f"{k} {np.mean([x[k] for x in lat]):.2f}" for k in lat[0]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.serving.export import ExportedPolicy, example_obs, export_policy
+
+    policy, _ = load_policy(args.checkpoint)
+    out = Path(args.out or Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-torchscript")
+    export_policy(policy, out)
+    exported = ExportedPolicy(out)
+    obs = example_obs(policy.shape_meta, policy.n_obs_steps, batch=4)
+    ref = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
+    got = exported.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
+    diff = float((ref - got).abs().max())
+    print(f"exported {args.checkpoint} to {out} (TorchScript); max |action - PyTorch| = {diff:.3g}")
+    return 0 if diff <= args.tolerance else 1
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from diffpolicy.tasks.record import record_pusht
+
+    if args.task != "pusht":
+        raise ValueError(f"record supports --task pusht only, not {args.task!r}")
+    out = args.out or ("data/pusht_teleop.zarr" if args.format == "zarr" else "data/pusht_teleop")
+    kept = record_pusht(
+        out,
+        args.episodes,
+        obs_type=args.obs,
+        seed=args.seed,
+        fps=args.fps,
+        fmt=args.format,
+        overwrite=args.overwrite,
+    )
+    print(f"kept {kept} episode(s) in {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.config import to_dict, with_overrides
+    from diffpolicy.evaluation import configure_inference
+    from diffpolicy.serving.server import PolicyServer
+    from diffpolicy.training.trainer import resolve_device
+
+    _only_eval_overrides("serve", args.overrides)
+    policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
+    cfg = with_overrides(saved, args.overrides)
+    configure_inference(policy, cfg.eval)
+    server = PolicyServer(
+        policy,
+        to_dict(cfg),
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms,
+        seed=args.seed,
+    ).start()
+    print(f"serving {args.checkpoint} on {server.address} (Ctrl+C or SIGTERM stops)", flush=True)
+    server.serve_until_signal(args.max_seconds)
+    print(f"stopped after {server.batches_run} batches", flush=True)
     return 0
 
 
@@ -265,12 +346,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint in closed loop")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="checkpoint folder (or --remote)")
+    p.add_argument(
+        "--remote", metavar="HOST:PORT", help="evaluate the policy served there (diffpolicy serve)"
+    )
     p.add_argument("--episodes", type=int)
     p.add_argument("--out", help="report folder (default <checkpoint>/eval)")
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over gRPC to PolicyClient / eval --remote clients")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=int, default=64, help="most rows stacked into one policy call")
+    p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by mixed batches")
+    p.add_argument("--max-seconds", type=float, help="stop by itself after this long")
+    p.add_argument("overrides", nargs="*", help="eval.* inference overrides, e.g. eval.sampler=ddim")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="TorchScript export (encoder + noise net), checked against PyTorch")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="export folder (default <checkpoint>-torchscript beside it)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max |action difference| accepted")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "record", help="record demonstrations by teleoperation (mouse; Enter keeps, Left redoes, q quits)"
+    )
+    p.add_argument("--task", default="pusht")
+    p.add_argument("--episodes", type=int, default=10, help="episodes to keep")
+    p.add_argument("--obs", choices=["state", "image"], default="state", help="which observations to store")
+    p.add_argument("--seed", type=int, default=100_000, help="seed of the first episode's initial state")
+    p.add_argument("--fps", type=float, default=10.0, help="control rate (Push-T: 10 Hz)")
+    p.add_argument(
+        "--format", choices=["zarr", "lerobot"], default="zarr", help="EpisodeStore or LeRobot v3.0"
+    )
+    p.add_argument("--out", help="output (default data/pusht_teleop.zarr, or data/pusht_teleop for lerobot)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("demo", help="collect + train (diffusion and MSE-BC) + evaluate + report, on CPU")
     p.add_argument("--out", help="demo folder (default runs/demo-<time>)")

@@ -37,19 +37,26 @@ def _make_envs(task: Task, n: int, render: bool) -> gym.vector.VectorEnv:
 
 
 def run_rollouts(
-    policy: torch.nn.Module, task: Task, cfg: EvalConfig, n_episodes: int, first_seed: int
+    policy: torch.nn.Module,
+    task: Task,
+    cfg: EvalConfig,
+    n_episodes: int,
+    first_seed: int,
+    controller: RecedingHorizonController | None = None,
 ) -> list[Rollout]:
-    """Roll the policy out on seeds first_seed .. first_seed+n_episodes-1, n_envs at a time."""
+    """Roll the policy out on seeds first_seed .. first_seed+n_episodes-1, n_envs at a time (through
+    `controller` if given, e.g. control.AsyncChunkController; by default the eval config's own)."""
     max_steps = cfg.max_steps or task.max_episode_steps
     n_envs = max(1, min(cfg.n_envs, n_episodes))
-    generator = torch.Generator(device=policy.device).manual_seed(first_seed)
-    controller = RecedingHorizonController(
-        policy,
-        n_action_steps=cfg.n_action_steps,
-        temporal_ensemble=cfg.temporal_ensemble,
-        ensemble_decay=cfg.ensemble_decay,
-        generator=generator,
-    )
+    if controller is None:
+        generator = torch.Generator(device=policy.device).manual_seed(first_seed)
+        controller = RecedingHorizonController(
+            policy,
+            n_action_steps=cfg.n_action_steps,
+            temporal_ensemble=cfg.temporal_ensemble,
+            ensemble_decay=cfg.ensemble_decay,
+            generator=generator,
+        )
     low_dim_keys = [k for k, m in policy.shape_meta["obs"].items() if m.get("type", "low_dim") == "low_dim"]
     rollouts: list[Rollout] = []
     render = cfg.n_videos > 0
@@ -121,6 +128,21 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int = 10) -> list[Pat
     return [mp4, gif]
 
 
+def configure_inference(policy: torch.nn.Module, cfg: EvalConfig) -> None:
+    """Apply eval.* inference settings (sampler, steps, spacing, precision, compile, noise scale) to a
+    policy; shared by evaluation and the policy server (`diffpolicy serve`)."""
+    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps or cfg.timestep_spacing):
+        policy.set_sampler(
+            cfg.sampler or policy.cfg.scheduler.sampler,
+            cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
+            cfg.timestep_spacing,
+        )
+    if hasattr(policy, "set_fast_paths"):
+        policy.set_fast_paths(cfg.precision, cfg.compile)
+    if hasattr(policy, "noise_scale"):
+        policy.noise_scale = cfg.noise_scale
+
+
 def evaluate(
     policy: torch.nn.Module,
     task: Task,
@@ -137,16 +159,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = policy.training
     policy.eval()
-    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps or cfg.timestep_spacing):
-        policy.set_sampler(
-            cfg.sampler or policy.cfg.scheduler.sampler,
-            cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
-            cfg.timestep_spacing,
-        )
-    if hasattr(policy, "set_fast_paths"):
-        policy.set_fast_paths(cfg.precision, cfg.compile)
-    if hasattr(policy, "noise_scale"):
-        policy.noise_scale = cfg.noise_scale
+    configure_inference(policy, cfg)
     t0 = time.perf_counter()
     rollouts = run_rollouts(policy, task, cfg, n, cfg.seed)
     elapsed = time.perf_counter() - t0

@@ -647,21 +647,32 @@ class PushTTask(Task):
             steps["img"] = []
         success = False
         for _ in range(self.max_episode_steps):
-            s = get_state(env)
             action = expert.act(env)
-            steps["state"].append(np.array([s[0], s[1], s[4], s[5], s[6]], dtype=np.float32))
-            steps["keypoint"].append(env.unwrapped.keypoints())
-            steps["agent_pos"].append(obs["agent_pos"])
-            steps["action"].append(action)
-            steps["n_contacts"].append(np.array([count_contacts(env)], dtype=np.float32))
-            if self.obs_type == "image":
-                steps["img"].append(obs["img"])
+            for key, value in self.step_record(env, obs, action).items():
+                steps[key].append(value)
             obs, _, terminated, truncated, info = env.step(action)
             success = bool(info["is_success"])
             if terminated or truncated:
                 break
         env.close()
         return {k: np.stack(v) for k, v in steps.items()}, success
+
+    def step_record(
+        self, env: gym.Env, obs: dict[str, np.ndarray], action: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """What a demonstration stores for one step: the observation seen before `action`, and the action
+        (shared by the scripted collector and human teleoperation, tasks/record.py)."""
+        s = get_state(env)
+        record = {
+            "state": np.array([s[0], s[1], s[4], s[5], s[6]], dtype=np.float32),
+            "keypoint": env.unwrapped.keypoints(),
+            "agent_pos": obs["agent_pos"],
+            "action": action,
+            "n_contacts": np.array([count_contacts(env)], dtype=np.float32),
+        }
+        if self.obs_type == "image":
+            record["img"] = obs["img"]
+        return record
 
     def summarize(self, rollouts: list[Rollout], out_dir: Path) -> dict[str, Any]:
         """Final and max coverage reward, how often 90% of the goal reward is reached, success step stats."""

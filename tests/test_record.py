@@ -1,0 +1,64 @@
+"""`diffpolicy record`, headless: scripted pygame events drive the teleoperation window."""
+
+import os
+
+os.environ["SDL_VIDEODRIVER"] = "dummy"  # before pygame opens a window
+
+import numpy as np
+import pygame
+import pytest
+
+from diffpolicy.data.episodes import EpisodeStore
+from diffpolicy.tasks.pusht import PushTTask
+from diffpolicy.tasks.record import record_pusht
+
+
+def scripted(events_at):
+    def on_frame(i):
+        for kind, value in events_at.get(i, []):
+            if kind == "mouse":
+                pygame.event.post(
+                    pygame.event.Event(pygame.MOUSEMOTION, pos=value, rel=(0, 0), buttons=(0, 0, 0))
+                )
+            else:
+                pygame.event.post(
+                    pygame.event.Event(pygame.KEYDOWN, key=value, mod=0, unicode="", scancode=0)
+                )
+
+    return on_frame
+
+
+SCRIPT = {
+    0: [("mouse", (100, 100))],  # attempt 1 runs frames 0-4 (5 steps) ...
+    5: [("key", pygame.K_LEFT)],  # ... and is discarded: the episode restarts from the same seed
+    6: [("mouse", (256, 128))],  # attempt 2: two steps towards (256, 128) ...
+    8: [("key", pygame.K_RETURN)],  # ... kept
+    12: [("key", pygame.K_q)],  # episode 2 runs frames 9-11 and is dropped by quitting
+}
+
+
+def test_record_keeps_discards_and_quits(tmp_path):
+    out = tmp_path / "teleop.zarr"
+    kept = record_pusht(out, n_episodes=5, seed=7, fps=0, on_frame=scripted(SCRIPT))
+    assert kept == 1
+    store = EpisodeStore.open(out)
+    assert store.n_episodes == 1 and list(store.episode_lengths) == [2]
+    assert sorted(store.keys) == sorted(["state", "keypoint", "agent_pos", "action", "n_contacts"])
+    ep = store.get_episode(0)
+    np.testing.assert_allclose(ep["action"], [[256, 128], [256, 128]])
+    env = PushTTask().make_env()
+    obs, _ = env.reset(seed=7)  # the kept attempt started from the seed's initial state
+    np.testing.assert_allclose(ep["keypoint"][0], obs["keypoint"])
+    np.testing.assert_allclose(ep["agent_pos"][0], obs["agent_pos"])
+    env.close()
+    assert store.attrs["task"] == "pusht" and store.attrs["fps"] == 0
+
+
+def test_record_lerobot_format(tmp_path):
+    script = {0: [("mouse", (300, 300))], 3: [("key", pygame.K_RETURN)], 6: [("key", pygame.K_RETURN)]}
+    kept = record_pusht(tmp_path / "lr", n_episodes=2, fps=10, fmt="lerobot", on_frame=scripted(script))
+    assert kept == 2
+    assert (tmp_path / "lr" / "meta" / "info.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["lr"]  # the temporary store is gone
+    with pytest.raises(FileExistsError):
+        record_pusht(tmp_path / "lr", n_episodes=1, fmt="lerobot")
