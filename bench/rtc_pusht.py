@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from diffpolicy.checkpoint import load_policy
+from diffpolicy.policy import load_policy
 from diffpolicy.config import with_overrides
 from diffpolicy.control import AsyncChunkController, boundary_jerk
 from diffpolicy.evaluation import configure_inference, run_rollouts, wilson_interval

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 from test_policy import build
 
-from diffpolicy.checkpoint import load_policy
+from diffpolicy.policy import load_policy
 from diffpolicy.control import (
     AsyncChunkController,
     RecedingHorizonController,

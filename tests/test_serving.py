@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from diffpolicy.checkpoint import load_policy
+from diffpolicy.policy import load_policy
 from diffpolicy.config import EvalConfig
 from diffpolicy.control import RecedingHorizonController
 from diffpolicy.evaluation import run_rollouts

@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.policy import load_policy
     from diffpolicy.serving.export import ExportedPolicy, example_obs, export_policy
 
     policy, _ = load_policy(args.checkpoint)
@@ -157,7 +157,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from diffpolicy.checkpoint import load_policy
+    from diffpolicy.policy import load_policy
     from diffpolicy.config import to_dict, with_overrides
     from diffpolicy.evaluation import configure_inference
     from diffpolicy.serving.server import PolicyServer
