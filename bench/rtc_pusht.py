@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from diffpolicy.policy import load_policy
 from diffpolicy.config import with_overrides
 from diffpolicy.control import AsyncChunkController, boundary_jerk
 from diffpolicy.evaluation import configure_inference, run_rollouts, wilson_interval
+from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
 
 

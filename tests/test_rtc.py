@@ -6,7 +6,6 @@ import torch
 from conftest import tiny_config
 from test_policy import build
 
-from diffpolicy.policy import load_policy
 from diffpolicy.control import (
     AsyncChunkController,
     RecedingHorizonController,
@@ -14,6 +13,7 @@ from diffpolicy.control import (
     guided_chunk,
     rtc_weights,
 )
+from diffpolicy.policy import load_policy
 from diffpolicy.training.trainer import Trainer
 
 

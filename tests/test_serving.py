@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from diffpolicy.policy import load_policy
 from diffpolicy.config import EvalConfig
 from diffpolicy.control import RecedingHorizonController
 from diffpolicy.evaluation import run_rollouts
+from diffpolicy.policy import load_policy
 from diffpolicy.serving.client import PolicyClient, PolicyServerError, RemotePolicy
 from diffpolicy.serving.server import ObservationMismatch, PolicyServer
 from diffpolicy.serving.wire import WireError, decode, encode

@@ -157,9 +157,9 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from diffpolicy.policy import load_policy
     from diffpolicy.config import to_dict, with_overrides
     from diffpolicy.evaluation import configure_inference
+    from diffpolicy.policy import load_policy
     from diffpolicy.serving.server import PolicyServer
     from diffpolicy.training.trainer import resolve_device
 
@@ -380,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="pusht")
     p.add_argument("--episodes", type=int, default=10, help="episodes to keep")
     p.add_argument("--obs", choices=["state", "image"], default="state", help="which observations to store")
-    p.add_argument("--seed", type=int, default=100_000, help="seed of the first episode's initial state")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first episode's initial state (keep demonstrations below eval.seed, 100000)",
+    )
     p.add_argument("--fps", type=float, default=10.0, help="control rate (Push-T: 10 Hz)")
     p.add_argument(
         "--format", choices=["zarr", "lerobot"], default="zarr", help="EpisodeStore or LeRobot v3.0"
