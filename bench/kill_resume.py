@@ -2,7 +2,7 @@
 
     python bench/kill_resume.py --kills 20 [--seed 0] [--out DIR]
 
-One uninterrupted `diffpolicy train` (tiny trajectory2d U-Net, 240 steps, a checkpoint every 20) is the
+One uninterrupted `diffpolicy train` (tiny trajectory2d U-Net, 1200 steps, a checkpoint every 40) is the
 reference. The same command is then started, killed with SIGKILL and started again `--kills` times: most
 kills come at a random moment (uniform over the next few seconds, so they land in start-up, training steps
 and checkpoint saves), every fourth inside a checkpoint swap (the child kills itself at a random rename of
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-STEPS, EVERY = 240, 20
+STEPS, EVERY = 1200, 40
 TRAIN_ARGS = [
     "--preset",
     "trajectory2d_lowdim_unet",
@@ -146,7 +146,7 @@ def main() -> int:
                 proc.kill()
             how = f"inside a save, at rename {rename}"
         else:
-            delay = rng.uniform(0.5, min(12.0, duration))
+            delay = rng.uniform(0.5, 9.0)  # start-up takes a few seconds: some kills land there
             proc = subprocess.Popen(
                 command(run, data), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -177,7 +177,11 @@ def main() -> int:
     start, _ = resumed_from(run, log_lines)
     a, b = weights(root / "reference"), weights(run)
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() else float("inf")
+    diff = (
+        max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        if a.keys() == b.keys()
+        else float("inf")
+    )
     print(f"final attempt resumed from step {start}; the run ended at step {checkpoint_step(run)}")
     print(f"final weights identical to the uninterrupted run: {same} (max |difference| {diff:.3g})")
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
