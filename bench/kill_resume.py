@@ -115,6 +115,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     root = Path(args.out or tempfile.mkdtemp(prefix="kill_resume-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if (root / "reference").exists() or (root / "killed").exists():
+        parser.error(f"{root} holds runs of an earlier trial (they would be resumed): use an empty --out")
     data = root / "demos.zarr"
     if not data.exists():
         subprocess.run(

@@ -85,6 +85,10 @@ class RunExists(RuntimeError):
     """The run folder holds a run that this command would overwrite or relabel (see `overwrite`)."""
 
 
+class RunFinished(RunExists):
+    """The run folder holds this very run, finished: there is nothing left to train or evaluate."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -342,7 +346,7 @@ class Trainer:
                 "use another run folder / --overwrite to train again"
             )
         if finished and num_steps == step:
-            raise RunExists(
+            raise RunFinished(
                 f"{self.run_dir} holds a finished run (step {step} of train.num_steps={num_steps}); nothing "
                 "to do. Raise train.num_steps to continue it, evaluate it with diffpolicy eval, or use "
                 "another run folder / --overwrite to train again"
