@@ -75,7 +75,7 @@ def command(run: Path, data: Path) -> list[str]:
 def checkpoint_step(run: Path) -> int:
     """The step of the checkpoint a resume would start from, read without changing the folder."""
     ckpt = run / "checkpoints"
-    for name in ("latest", ".latest.new", "previous"):
+    for name in (".latest.new", "latest", "previous"):  # the order in which start-up recovery trusts them
         meta = ckpt / name / "config.yaml"
         if meta.exists():
             import yaml
@@ -165,8 +165,13 @@ def main() -> int:
         bad = lost > EVERY
         ok &= not bad
         print(
-            f"trial {trial:2d}: kill {how:28s} attempt started at step {start or 0:3d}; "
-            f"killed at step {interrupted:3d}, checkpoint at {saved:3d} -> {lost:2d} steps to redo"
+            f"trial {trial:2d}: kill {how:28s} "
+            + (
+                "no resume logged (fresh start or killed in start-up); "
+                if start is None
+                else f"resumed at step {start:4d}; "
+            )
+            + f"killed at step {interrupted:3d}, checkpoint at {saved:3d} -> {lost:2d} steps to redo"
             + (" (the run had already finished)" if finished else "")
             + ("  LOST MORE THAN ONE INTERVAL" if bad else "")
         )
