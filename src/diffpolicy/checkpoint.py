@@ -6,14 +6,16 @@
       training_state.pt   only in resumable checkpoints: raw weights, optimizer, LR schedule, EMA, RNG
 
 A folder is written under a temporary name and renamed into place, so a reader never sees a half-written
-checkpoint; the previous version is removed only after the new one is in place.
+checkpoint; the previous version is removed (or kept as `previous`) only after the new one is in place, and
+`recover_checkpoint` finishes a swap that a crash interrupted (see there for the hidden names used).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffpolicy.config import ConfigError, RunConfig, from_dict, to_dict
+from diffpolicy.files import fsync_dir, make_temp_dir, share_like_umask
 
 FORMAT = "diffpolicy-checkpoint/1"
 CONFIG_FILE = "config.yaml"
@@ -34,6 +37,72 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, corrupt or does not match the policy it describes."""
 
 
+def _sibling(path: Path, kind: str) -> Path:
+    """`.NAME.KIND` beside `path`: the hidden names a checkpoint swap uses (new, old, tmp-*, trash-*)."""
+    return path.parent / f".{path.name}.{kind}"
+
+
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old|tmp-[0-9a-f]+|trash-[0-9a-f]+)$")
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder by first renaming it to a trash name, so a crash mid-delete never leaves a
+    half-deleted folder under a name that recovery would trust."""
+    if not path.exists():
+        return
+    trash = _sibling(path, f"trash-{secrets.token_hex(4)}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_checkpoint(path: str | Path, previous: str | Path | None = None) -> list[str]:
+    """Finish or undo a checkpoint swap that a crash interrupted; returns what was done, for the log.
+
+    A save writes `.NAME.tmp-*` (incomplete), renames it to `.NAME.new` once complete and synced, moves the
+    current `NAME` to `previous` (or `.NAME.old`), then renames `.NAME.new` to `NAME`. Whatever instant a
+    crash hits, one of those names holds a complete checkpoint: a `.NAME.new` is put in place, a lone
+    `.NAME.old` is put back, and incomplete temporaries are removed. Call it only while owning the folder
+    (the run lock): it moves folders.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    if not path.parent.is_dir():
+        return notes
+    for entry in path.parent.iterdir():
+        m = _HIDDEN.match(entry.name)
+        ours = m is not None and m["name"] in (path.name, Path(previous).name if previous else None)
+        if ours and m["kind"].startswith(("tmp-", "trash-")):
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed the incomplete temporary {entry}")
+    new, old = _sibling(path, "new"), _sibling(path, "old")
+    if new.is_dir():
+        if path.exists():
+            if previous is not None:
+                _discard(Path(previous))
+                os.replace(path, previous)
+            else:
+                _discard(path)
+        os.replace(new, path)
+        notes.append(f"completed an interrupted save: {new} -> {path}")
+    elif old.is_dir() and not path.exists():
+        os.replace(old, path)
+        notes.append(f"restored {path} from {old} (a save was interrupted before the new copy was ready)")
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    if notes:
+        fsync_dir(path.parent)
+    return notes
+
+
+def recover_checkpoints(folder: str | Path) -> list[str]:
+    """`recover_checkpoint` for every checkpoint in `folder` with leftovers of an interrupted save."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = {m["name"] for e in folder.iterdir() if (m := _HIDDEN.match(e.name))}
+    return [note for name in sorted(names) for note in recover_checkpoint(folder / name)]
+
+
 def save_checkpoint(
     path: str | Path,
     policy: torch.nn.Module,
@@ -41,11 +110,16 @@ def save_checkpoint(
     step: int = 0,
     metrics: dict[str, float] | None = None,
     training_state: dict[str, Any] | None = None,
+    previous: str | Path | None = None,
 ) -> Path:
-    """Atomically write a checkpoint folder at `path` (replacing an older one there)."""
+    """Write a checkpoint folder at `path`, replacing an older one there with no instant at which a crash
+    loses both (see `recover_checkpoint`). With `previous`, the replaced copy is kept there (itself
+    replacing the one before) instead of deleted, so one corrupt file cannot end a run. The folder and
+    its files get the user's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    recover_checkpoint(path, previous)
+    tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         meta = {
             "format": FORMAT,
@@ -61,19 +135,26 @@ def save_checkpoint(
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        share_like_umask(tmp)
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(tmp)
+        new = _sibling(path, "new")
+        os.replace(tmp, new)  # from here on a complete copy exists under a name recovery trusts
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(path.parent)
+    if path.exists():
+        if previous is not None:
+            _discard(Path(previous))
+            os.replace(path, previous)
+        else:
+            os.replace(path, _sibling(path, "old"))
+    os.replace(new, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(_sibling(path, "old"), ignore_errors=True)
     return path
 
 
@@ -81,7 +162,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's config.yaml, validated."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
+        pending = [p for p in (_sibling(path, "new"), _sibling(path, "old")) if p.is_dir()]
+        hint = (
+            f" (a save was interrupted; the complete copy is {pending[0]}: rerun the training command in "
+            "this run folder to put it back)"
+            if pending
+            else ""
+        )
+        raise CheckpointError(f"checkpoint folder {path} does not exist{hint}")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.exists():
         raise CheckpointError(f"{path} is not a checkpoint: {CONFIG_FILE} is missing")

@@ -7,6 +7,7 @@ and any number of dotted overrides such as `train.batch_size=64 policy.net=trans
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "data.path is empty and the run folder has no demos.zarr: collect first "
             "(diffpolicy collect ...) and pass data.path=<store>"
         )
-    report = Trainer(cfg, run_dir, resume=not args.no_resume).fit()
+    report = Trainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
     return 0
@@ -68,7 +69,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = distill_config(args.teacher, args.overrides)
     run_dir = _run_dir(cfg, args.run_dir)
-    report = DistillTrainer(cfg, run_dir, resume=not args.no_resume).fit()
+    report = DistillTrainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
         print(f"student: {run_dir / 'checkpoints' / 'latest'}")
@@ -80,6 +81,40 @@ def _only_eval_overrides(command: str, overrides: list[str]) -> None:
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"diffpolicy {command} accepts only eval.* overrides, got {bad}")
+
+
+def _checkpoint_folder_around(path: Path) -> Path | None:
+    """The checkpoint folder that `path` is (or lies inside), or None."""
+    from diffpolicy.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    for folder in (path, *path.parents):
+        if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+            return folder
+    return None
+
+
+def eval_output_dir(checkpoint: str | Path, out: str | None) -> Path:
+    """Where `diffpolicy eval` writes its report: `out`, or beside the run's checkpoints — never inside a
+    checkpoint folder, which the next save replaces (and deletes what was written there).
+
+    `<run>/checkpoints/<name...>` -> `<run>/eval_checkpoints/<name...>-<time>`; a checkpoint elsewhere ->
+    `<checkpoint>-eval-<time>` beside it. The time stamp keeps earlier reports."""
+    if out:
+        inside = _checkpoint_folder_around(Path(out).resolve())
+        if inside is not None:
+            raise ConfigError(
+                f"--out {out} lies inside the checkpoint folder {inside}, which the next save replaces "
+                "(deleting the report): choose a folder outside it"
+            )
+        return Path(out)
+    ckpt = Path(checkpoint)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parts = ckpt.resolve().parts
+    if "checkpoints" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("checkpoints")
+        run = Path(*parts[:i])
+        return run / "eval_checkpoints" / f"{'_'.join(parts[i + 1 :])}-{stamp}"
+    return ckpt.parent / f"{ckpt.name}-eval-{stamp}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -110,7 +145,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
         )
     task = make_task(cfg.task.name, **cfg.task.kwargs)
-    out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval-remote"))
+    out = (
+        eval_output_dir(args.checkpoint, args.out)
+        if args.checkpoint
+        else Path(args.out or "runs/eval-remote")
+    )
     report = evaluate(policy, task, cfg.eval, out, label=label)
     _print_summary(report, out)
     if args.remote:
@@ -310,6 +349,9 @@ def _print_summary(report: dict, out: Path) -> None:
         print(json.dumps(extra, indent=None))
 
 
+OVERWRITE_HELP = "start again in a folder holding a run: its outputs move to <run-dir>/replaced-<time>/"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpolicy", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log to the console too")
@@ -333,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a policy; resumes from <run-dir>/checkpoints/latest")
     p.add_argument("--run-dir", help="run folder (default runs/<name>-<time>)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     with_preset(p)
     p.set_defaults(func=cmd_train)
 
@@ -342,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="the teacher's checkpoint folder")
     p.add_argument("--run-dir", help="run folder (default runs/<teacher name>-consistency-<time>)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.num_steps=500")
     p.set_defaults(func=cmd_distill)
 
@@ -351,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--remote", metavar="HOST:PORT", help="evaluate the policy served there (diffpolicy serve)"
     )
     p.add_argument("--episodes", type=int)
-    p.add_argument("--out", help="report folder (default <checkpoint>/eval)")
+    p.add_argument(
+        "--out", help="report folder (default <run>/eval_checkpoints/<checkpoint>-<time>, never inside it)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
@@ -467,6 +513,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"diffpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permissions, a full disk, a read-only file system: one line, not a traceback
+        if args.verbose:
+            raise
+        print(f"diffpolicy {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a file-system error, in the user's terms (what failed, where, what to do)."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (
+            f"the disk is full{where}: free space and rerun the same command (a training run resumes from "
+            "its last complete checkpoint; nothing written before was lost)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: choose a folder you can write to, or fix its permissions"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}: choose a writable folder"
+    return f"{e.strerror or e}{where}"
 
 
 if __name__ == "__main__":

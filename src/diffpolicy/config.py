@@ -9,6 +9,7 @@ dataclass and rejects unknown keys; everything downstream sees plain dataclasses
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,14 +332,121 @@ _CHOICES = {
 }
 
 
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _at_least_one(v: Any) -> bool:
+    return v >= 1
+
+
+def _probability(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+def _finite(v: Any) -> bool:
+    return math.isfinite(v)
+
+
+# Numeric keys and the values a run can use (comparisons are False for NaN, so NaN is refused too).
+# None stays allowed where the field's default is None ("use the task's / policy's own value").
+_NUMERIC_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("collect.n_episodes", _at_least_one, ">= 1"),
+    ("collect.seed", _non_negative, ">= 0"),
+    ("collect.n_workers", _at_least_one, ">= 1"),
+    ("data.max_train_episodes", _at_least_one, ">= 1 (or null: all)"),
+    ("data.split_seed", _non_negative, ">= 0"),
+    ("data.pad_after", _non_negative, ">= 0 (or null)"),
+    ("policy.horizon", _at_least_one, ">= 1"),
+    ("policy.unet.kernel_size", _at_least_one, ">= 1"),
+    ("policy.unet.n_groups", _at_least_one, ">= 1"),
+    ("policy.unet.diffusion_step_embed_dim", _at_least_one, ">= 1"),
+    ("policy.transformer.n_layer", _at_least_one, ">= 1"),
+    ("policy.transformer.n_head", _at_least_one, ">= 1"),
+    ("policy.transformer.n_emb", _at_least_one, ">= 1"),
+    ("policy.transformer.p_drop_emb", _probability, "in [0, 1)"),
+    ("policy.transformer.p_drop_attn", _probability, "in [0, 1)"),
+    ("policy.transformer.n_cond_layers", _non_negative, ">= 0"),
+    ("policy.scheduler.num_train_timesteps", _at_least_one, ">= 1"),
+    ("policy.scheduler.beta_start", _positive, "> 0"),
+    ("policy.scheduler.beta_end", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("policy.consistency.timestep_scaling", _positive, "> 0"),
+    ("train.num_steps", _at_least_one, ">= 1"),
+    ("train.batch_size", _at_least_one, ">= 1"),
+    ("train.lr", _positive, "> 0"),
+    ("train.weight_decay", _non_negative, ">= 0"),
+    ("train.obs_encoder_weight_decay", _non_negative, ">= 0"),
+    ("train.warmup_steps", _non_negative, ">= 0"),
+    ("train.grad_clip_norm", _finite, "a finite number (<= 0 disables clipping)"),
+    ("train.ema.inv_gamma", _positive, "> 0"),
+    ("train.ema.power", _positive, "> 0"),
+    ("train.ema.min_value", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.ema.max_value", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.ema.update_after_step", _non_negative, ">= 0"),
+    ("train.log_every", _at_least_one, ">= 1"),
+    ("train.val_every", _non_negative, ">= 0 (0: never)"),
+    ("train.eval_every", _non_negative, ">= 0 (0: only the final evaluation)"),
+    ("train.eval_episodes", _non_negative, ">= 0"),
+    ("train.eval_seed", _non_negative, ">= 0"),
+    ("train.checkpoint_every", _non_negative, ">= 0 (0: only the final checkpoint)"),
+    ("train.top_k", _non_negative, ">= 0"),
+    ("train.num_workers", _non_negative, ">= 0"),
+    ("train.seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("eval.seed", _non_negative, ">= 0"),
+    ("eval.max_steps", _at_least_one, ">= 1 (or null: the task's limit)"),
+    ("eval.n_videos", _non_negative, ">= 0"),
+    ("eval.n_action_steps", _at_least_one, ">= 1 (or null: policy.n_action_steps)"),
+    ("eval.ensemble_decay", _finite, "a finite number"),
+    ("eval.num_inference_steps", _at_least_one, ">= 1 (or null)"),
+)
+
+
+def _value(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject values no run can use, naming the key (called on every construction)."""
     for dotted, allowed in _CHOICES.items():
-        obj: Any = cfg
-        for part in dotted.split("."):
-            obj = getattr(obj, part)
+        obj = _value(cfg, dotted)
         if obj not in allowed:
             raise ConfigError(f"{dotted}={obj!r} is not one of {allowed}")
+    for dotted, ok, rule in _NUMERIC_RULES:
+        value = _value(cfg, dotted)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{dotted}={value!r} must be {rule}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"train.betas={betas!r} must be two numbers in [0, 1)")
+    ema = cfg.train.ema
+    if ema.min_value > ema.max_value:
+        raise ConfigError(f"train.ema.min_value={ema.min_value} exceeds train.ema.max_value={ema.max_value}")
+    sched = cfg.policy.scheduler
+    if sched.beta_start > sched.beta_end:
+        raise ConfigError(
+            f"policy.scheduler.beta_start={sched.beta_start} exceeds "
+            f"policy.scheduler.beta_end={sched.beta_end}"
+        )
+    unet = cfg.policy.unet
+    if not unet.down_dims or any(d < 1 or d % unet.n_groups for d in unet.down_dims):
+        raise ConfigError(
+            f"policy.unet.down_dims={unet.down_dims} must be positive multiples of policy.unet.n_groups="
+            f"{unet.n_groups} (GroupNorm splits each into groups)"
+        )
+    tf = cfg.policy.transformer
+    if tf.n_emb % tf.n_head:
+        raise ConfigError(
+            f"policy.transformer.n_emb={tf.n_emb} must be a multiple of policy.transformer.n_head={tf.n_head}"
+        )
+    if cfg.data.image_size is not None and (len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 1):
+        raise ConfigError(f"data.image_size must be [H, W] with positive sizes, got {cfg.data.image_size}")
     p = cfg.policy
     if p.n_obs_steps < 1 or p.n_action_steps < 1:
         raise ConfigError("policy.n_obs_steps and policy.n_action_steps must be >= 1")
@@ -507,8 +615,14 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
             path = PRESET_DIR / f"{preset}.yaml"
         if not path.exists():
             raise ConfigError(f"preset '{preset}' not found; available: {', '.join(available_presets())}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"preset {path} is not valid YAML{at}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"preset {path} must hold a mapping at the top level")
         try:

@@ -86,7 +86,33 @@ class RecedingHorizonController:
         for key, meta in self.obs_meta.items():
             if key not in obs:
                 raise KeyError(f"environment observation lacks '{key}' (got {sorted(obs)})")
-            frame[key] = prepare_obs(np.asarray(obs[key]), meta.get("type", "low_dim"))
+            value = obs[key]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            arr = np.asarray(value)
+            rgb = meta.get("type", "low_dim") == "rgb"
+            per_env = "(N, H, W, C) camera frames" if rgb else f"(N, {', '.join(map(str, meta['shape']))})"
+            rank = 4 if rgb else 1 + len(meta["shape"])
+            if arr.ndim != rank or (not rgb and np.prod(arr.shape[1:]) != np.prod(meta["shape"])):
+                raise ValueError(
+                    f"environment observation '{key}' has shape {arr.shape}; the controller takes one row "
+                    f"per environment, {per_env} (a single environment: add a batch axis, obs[None])"
+                )
+            if rgb and arr.dtype.kind == "f" and (arr.min() < 0 or arr.max() > 255):
+                raise ValueError(
+                    f"camera observation '{key}' has values in [{arr.min():.4g}, {arr.max():.4g}]; the "
+                    "controller takes frames as uint8 or float in 0..255 (as environments render them)"
+                )
+            frame[key] = prepare_obs(arr, meta.get("type", "low_dim"))
+        sizes = {len(v) for v in frame.values()}
+        started = len(next(iter(self.history[0].values()))) if self.history else None
+        if len(sizes) > 1 or (started is not None and sizes != {started}):
+            raise ValueError(
+                f"observation keys hold {sorted(sizes)} environments but this episode began with {started}: "
+                "one row per environment; call reset() when the number of environments changes"
+                if started is not None
+                else f"observation keys disagree on the number of environments: {sorted(sizes)}"
+            )
         if not self.history:  # episode start: the window is filled with the first observation
             self.history.extend([frame] * self.n_obs_steps)
         else:

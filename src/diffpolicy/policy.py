@@ -52,6 +52,37 @@ SCHEDULER_FIELDS = (
 )
 
 
+class ObservationMismatch(ValueError):
+    """An observation's keys, shapes, types or values do not match what the checkpoint was trained on."""
+
+
+def check_observation_shapes(obs: dict[str, Any], obs_meta: dict[str, Any], n_obs_steps: int) -> int:
+    """Check that every policy key is there with shape (B, >= n_obs_steps, *shape) and one B for all
+    keys (numpy arrays or tensors); returns B, or raises ObservationMismatch naming the key."""
+    missing = [k for k in obs_meta if k not in obs]
+    if missing:
+        expected = {k: ["B", f">={n_obs_steps}", *obs_meta[k]["shape"]] for k in missing}
+        raise ObservationMismatch(
+            f"observation lacks key(s) {missing} (expected shapes {expected}); got keys {sorted(obs)}"
+        )
+    batch = None
+    for key, meta in obs_meta.items():
+        a = obs[key]
+        shape = tuple(meta["shape"])
+        want = f"(B, >= {n_obs_steps}, {', '.join(map(str, shape))})"
+        if a.ndim != 2 + len(shape) or tuple(a.shape[2:]) != shape or a.shape[1] < n_obs_steps:
+            raise ObservationMismatch(
+                f"observation '{key}' has shape {tuple(a.shape)}, expected {want} (batch, time steps, ...)"
+            )
+        if batch is None:
+            batch = a.shape[0]
+        elif a.shape[0] != batch:
+            raise ObservationMismatch(f"observation '{key}' has batch size {a.shape[0]}, other keys {batch}")
+    if not batch:
+        raise ObservationMismatch("observation batch is empty")
+    return batch
+
+
 def make_scheduler(
     cfg: NoiseSchedulerConfig, sampler: str | None = None, consistency: ConsistencyConfig | None = None
 ) -> DDPMScheduler | DDIMScheduler | LCMScheduler:
@@ -165,6 +196,44 @@ class BasePolicy(nn.Module):
                 x = x.reshape(*x.shape[:2], -1)  # multi-dimensional low-dim keys become flat features
             window[key] = x
         return self.obs_encoder(self.normalizer.normalize_obs(window))
+
+    def check_inputs(self, obs: dict[str, Any]) -> None:
+        """Check an observation window handed to predict_action, in the caller's terms: torch tensors on
+        the policy's device and dtype, (B, >= n_obs_steps, *shape) per key, camera frames in [0, 1]."""
+        if not isinstance(obs, dict):
+            raise TypeError(f"predict_action takes a dict of observation tensors, got {type(obs).__name__}")
+        param = next(self.parameters())
+        if any(key not in obs for key in self.shape_meta["obs"]):
+            return  # encode_obs names the missing key (KeyError)
+        for key, meta in self.shape_meta["obs"].items():
+            x = obs[key]
+            rgb = meta.get("type", "low_dim") == "rgb"
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"observation '{key}' is a {type(x).__name__}; predict_action takes torch tensors "
+                    "(torch.from_numpy(a).to(policy.device)). RecedingHorizonController takes an "
+                    "environment's numpy observations and converts them."
+                )
+            if x.dtype != param.dtype:
+                hint = " (camera frames: float in [0, 1], i.e. uint8 / 255)" if rgb else ""
+                raise ObservationMismatch(
+                    f"observation '{key}' has dtype {x.dtype}, the policy takes {param.dtype}{hint}: "
+                    f"convert it with .to({param.dtype})"
+                )
+            if x.device != param.device:
+                raise ObservationMismatch(
+                    f"observation '{key}' is on {x.device}, the policy on {param.device}: "
+                    "move it with .to(policy.device)"
+                )
+        check_observation_shapes(obs, self.shape_meta["obs"], self.n_obs_steps)
+        for key, meta in self.shape_meta["obs"].items():
+            if meta.get("type", "low_dim") == "rgb":  # NaN anywhere is caught on the actions (check_actions)
+                lo, hi = (float(v) for v in torch.aminmax(obs[key]))
+                if lo < 0.0 or hi > 1.0 + 1e-3:
+                    raise ObservationMismatch(
+                        f"camera observation '{key}' has values in [{lo:.4g}, {hi:.4g}]; the policy takes "
+                        "float frames in [0, 1] (divide 0..255 frames by 255)"
+                    )
 
     def global_cond(self, features: torch.Tensor) -> torch.Tensor:
         """The condition the noise net expects: flat (B, To*F) for the U-Net, tokens for the transformer."""
@@ -476,6 +545,7 @@ class DiffusionPolicy(BasePolicy):
         self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Sample an action chunk: {"action": (B, n_action_steps, Da), "action_pred": (B, horizon, Da)}."""
+        self.check_inputs(obs)
         features = self.encode_obs(obs)  # once per chunk, never per denoising step
         B = features.shape[0]
         dim = self.action_dim + (0 if self.cfg.obs_as_global_cond else features.shape[-1])
@@ -639,6 +709,7 @@ class MseBCPolicy(BasePolicy):
     def predict_action(
         self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
+        self.check_inputs(obs)
         action_pred = self.normalizer.unnormalize("action", self._regress(self.encode_obs(obs)))
         return self.select_executed(self.check_actions(action_pred))
 

@@ -36,6 +36,7 @@ import grpc
 import numpy as np
 import torch
 
+from diffpolicy.policy import ObservationMismatch, check_observation_shapes
 from diffpolicy.serving.wire import WireError, decode, encode
 
 SERVICE = "diffpolicy.PolicyServer"
@@ -47,36 +48,13 @@ GRPC_OPTIONS = [
 log = logging.getLogger("diffpolicy.serving")
 
 
-class ObservationMismatch(ValueError):
-    """An observation's keys or shapes do not match what the checkpoint was trained on."""
-
-
 def check_observation(
     obs: dict[str, np.ndarray], obs_meta: dict[str, Any], n_obs_steps: int
 ) -> dict[str, np.ndarray]:
     """The policy's keys, each (B, n_obs_steps, *shape) float32 (the latest steps); or ObservationMismatch
     naming the key and the expected shape."""
-    missing = [k for k in obs_meta if k not in obs]
-    if missing:
-        expected = {k: ["B", f">={n_obs_steps}", *obs_meta[k]["shape"]] for k in missing}
-        raise ObservationMismatch(
-            f"observation lacks key(s) {missing} (expected shapes {expected}); got keys {sorted(obs)}"
-        )
-    out, batch = {}, None
-    for key, meta in obs_meta.items():
-        a = obs[key]
-        shape = tuple(meta["shape"])
-        want = f"(B, >= {n_obs_steps}, {', '.join(map(str, shape))})"
-        if a.ndim != 2 + len(shape) or tuple(a.shape[2:]) != shape or a.shape[1] < n_obs_steps:
-            raise ObservationMismatch(f"observation '{key}' has shape {tuple(a.shape)}, expected {want}")
-        if batch is None:
-            batch = a.shape[0]
-        elif a.shape[0] != batch:
-            raise ObservationMismatch(f"observation '{key}' has batch size {a.shape[0]}, other keys {batch}")
-        out[key] = np.asarray(a[:, -n_obs_steps:], dtype=np.float32)
-    if not batch:
-        raise ObservationMismatch("observation batch is empty")
-    return out
+    check_observation_shapes(obs, obs_meta, n_obs_steps)
+    return {key: np.asarray(obs[key][:, -n_obs_steps:], dtype=np.float32) for key in obs_meta}
 
 
 @dataclass

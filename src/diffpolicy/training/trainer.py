@@ -4,6 +4,7 @@ top-k and `latest` checkpoints, exact resume, and one run folder holding everyth
     <run_dir>/config.yaml       the resolved RunConfig
     <run_dir>/train.log         log lines; metrics.jsonl: one JSON line per logged step; tb/: tensorboard
     <run_dir>/checkpoints/latest          resumable (weights, optimizer, LR schedule, EMA, RNG, step)
+    <run_dir>/checkpoints/previous        the latest before it, kept until a newer one is in place
     <run_dir>/checkpoints/topk/step=..-score=..   the k best by closed-loop score (inference only)
     <run_dir>/eval_during_training/   periodic closed-loop evaluations (train.eval_every)
     <run_dir>/eval/             final closed-loop evaluation report, plots, videos
@@ -19,6 +20,13 @@ batch, split evenly over ranks; the normalizer is fitted once on rank 0 and broa
 evaluation, logs and checkpoints live on rank 0. Per-step training noise comes from a generator seeded
 by (seed, step) over the global batch, so N processes train exactly like one (up to float summation
 order) for the same global batch.
+
+A run folder belongs to one process at a time (`files.RunLock` on `<run_dir>/.lock`). At start-up a
+checkpoint swap that a crash interrupted is completed (`checkpoint.recover_checkpoint`); a corrupt `latest`
+falls back to `previous` with a warning; a resume is checked against the config stored in the checkpoint
+(only RESUMABLE_CHANGES may differ); a finished run, or any run with `resume=False`, is refused unless
+`overwrite=True`, which moves the old outputs aside into `<run_dir>/replaced-<time>/`. See
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -42,12 +51,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from diffpolicy.checkpoint import load_training_state, save_checkpoint
+from diffpolicy.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    read_config,
+    recover_checkpoint,
+    recover_checkpoints,
+    save_checkpoint,
+)
 from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import open_training_data
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_episodes
+from diffpolicy.files import RunLock
 from diffpolicy.policy import BasePolicy, make_policy, normalizer_spec
 from diffpolicy.tasks import Task, make_task
 from diffpolicy.training.ema import EMA
@@ -62,6 +79,14 @@ class TrainingDiverged(RuntimeError):
 
 class ResumeMismatch(RuntimeError):
     """A run folder holds a run with a different configuration than the one asked for."""
+
+
+class RunExists(RuntimeError):
+    """The run folder holds a run that this command would overwrite or relabel (see `overwrite`)."""
+
+
+class RunFinished(RunExists):
+    """The run folder holds this very run, finished: there is nothing left to train or evaluate."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,7 +191,10 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-# Keys a resumed run may change without invalidating what was trained so far.
+# Keys a resumed run may change without invalidating what was trained so far: how long it runs (never below
+# the step the checkpoint reached; a cosine LR schedule then continues on the new length), how often it
+# logs, validates, evaluates and checkpoints, data-loading workers, the final evaluation's settings and the
+# run's name / folder. Every other key (policy, data, optimizer, seeds, ...) is fixed for the run's life.
 RESUMABLE_CHANGES = (
     "train.num_steps",
     "distill.num_steps",  # a distillation run's train.num_steps (see config.DistillConfig)
@@ -189,7 +217,10 @@ class Trainer:
         task: Task | None = None,
         resume: bool = True,
         show_progress: bool | None = None,
+        overwrite: bool = False,
     ) -> None:
+        """`resume`: continue the run in `run_dir` if there is one (False refuses to touch an existing
+        run); `overwrite`: move an existing run's outputs aside and start again from step 0."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         # task.name="" trains on a dataset alone (no simulator): no closed-loop evaluation
@@ -200,6 +231,7 @@ class Trainer:
                 "set train.eval_every=0 and eval.n_episodes=0"
             )
         self.resume = resume
+        self.overwrite = overwrite
         # torchrun sets these; a plain launch is rank 0 of 1
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -217,6 +249,7 @@ class Trainer:
             )
         self.local_batch = cfg.train.batch_size // self.world_size
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self._finished = False  # set for the final save, which marks the run as done
 
     # ----- set-up ---------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -229,23 +262,113 @@ class Trainer:
         log.setLevel(logging.INFO)
         self._log_handler = handler
 
-    def _check_config(self) -> None:
-        path = self.run_dir / "config.yaml"
-        if path.exists() and (self.ckpt_dir / "latest").exists():
+    def _resume_point(self) -> tuple[Path, dict[str, Any], RunConfig] | None:
+        """The checkpoint to resume from: `latest`, or `previous` when `latest` is missing or corrupt
+        (with a warning naming what is wrong), as (path, training state, its run config); None when the
+        folder holds no checkpoint. Raises CheckpointError when checkpoints exist but none loads, so a run
+        never silently starts again from step 0 over a checkpoint the user has."""
+        problems = []
+        for name in ("latest", "previous"):
+            path = self.ckpt_dir / name
+            if not path.exists():
+                continue
+            try:
+                _, saved = read_config(path)
+                state = load_training_state(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                log.warning("cannot resume from %s: %s", path, e)
+                continue
+            if problems:
+                log.warning("resuming from %s (step %d) instead", path, int(state["step"]))
+            return path, state, saved
+        if problems:
+            raise CheckpointError(
+                f"no checkpoint in {self.ckpt_dir} loads: {'; '.join(problems)}. Nothing was changed; "
+                "pass --overwrite (Trainer(overwrite=True)) to move them aside and start again"
+            )
+        return None
+
+    def _prepare_run_folder(self) -> tuple[Path, dict[str, Any]] | None:
+        """Recover interrupted saves, refuse what would overwrite or relabel a run, check a resume against
+        the config stored in its checkpoint, and write config.yaml; returns what to resume from."""
+        for note in recover_checkpoint(self.ckpt_dir / "latest", self.ckpt_dir / "previous") + (
+            recover_checkpoints(self.ckpt_dir / "topk")
+        ):
+            log.warning("%s", note)
+        config_file = self.run_dir / "config.yaml"
+        if self.overwrite:
+            self._move_old_run_aside()
+        point = self._resume_point()
+        if point is None and config_file.exists() and not self.resume:
+            raise RunExists(
+                f"{self.run_dir} already holds a run (its config.yaml, no checkpoint yet) and --no-resume "
+                "refuses to continue it: use another run folder, or --overwrite to move it aside"
+            )
+        if point is not None:
+            path, state, saved = point
+            step = int(state["step"])
+            if not self.resume:
+                raise RunExists(
+                    f"{self.run_dir} already holds a run (checkpoint {path} at step {step}) and --no-resume "
+                    "refuses to continue it: use another run folder, or --overwrite to move it aside"
+                )
+            self._check_resume(path, saved, step, finished=bool(state.get("finished", False)))
+        if self.is_main:
+            save_yaml(self.cfg, config_file)
+        return None if point is None else point[:2]
+
+    def _check_resume(self, path: Path, saved: RunConfig, step: int, finished: bool) -> None:
+        """Refuse to resume the checkpoint at `path` (its stored config `saved`, at `step`) with a config
+        that changes a key fixed for the run's life, shortens it below `step`, or reruns a finished run."""
+        config_file = self.run_dir / "config.yaml"
+        if config_file.exists():
             try:  # keys added to the config since the run began read as their defaults, as from_pretrained
-                old = to_dict(load_config(path))  # reads an old checkpoint: a release must not strand a run
+                load_config(config_file)  # reads an old checkpoint: a release must not strand a run
             except ConfigError as e:
                 raise ResumeMismatch(
-                    f"{path} no longer loads as a run config ({e}); use another run folder"
+                    f"{config_file} no longer loads as a run config ({e}); use another run folder"
                 ) from None
-            diffs = [d for d in _config_diff(old, to_dict(self.cfg)) if not d.startswith(RESUMABLE_CHANGES)]
-            if diffs:
-                raise ResumeMismatch(
-                    f"{self.run_dir} already holds a run with a different configuration: {'; '.join(diffs)}. "
-                    "Use another run folder (or resume with the same config)."
-                )
-        if self.is_main:
-            save_yaml(self.cfg, path)
+        diffs = [
+            d for d in _config_diff(to_dict(saved), to_dict(self.cfg)) if not d.startswith(RESUMABLE_CHANGES)
+        ]
+        if diffs:
+            raise ResumeMismatch(
+                f"{self.run_dir} already holds a run with a different configuration (checkpoint {path}): "
+                f"{'; '.join(diffs)}. These keys cannot change mid-run; use another run folder (or resume "
+                "with the same config)."
+            )
+        num_steps = self.cfg.train.num_steps
+        if num_steps < step:
+            raise RunExists(
+                f"train.num_steps={num_steps} is below the step the run in {self.run_dir} already reached "
+                f"({step}, checkpoint {path}): a checkpoint is never relabelled; evaluate it as it is, or "
+                "use another run folder / --overwrite to train again"
+            )
+        if finished and num_steps == step:
+            raise RunFinished(
+                f"{self.run_dir} holds a finished run (step {step} of train.num_steps={num_steps}); nothing "
+                "to do. Raise train.num_steps to continue it, evaluate it with diffpolicy eval, or use "
+                "another run folder / --overwrite to train again"
+            )
+        if finished and (self.run_dir / "eval").exists():  # its final report stays, under its step
+            os.replace(self.run_dir / "eval", self.run_dir / f"eval_step{step:07d}")
+
+    def _move_old_run_aside(self) -> None:
+        """--overwrite: move everything the old run produced into <run_dir>/replaced-<time>/ (nothing is
+        deleted); the inputs (demos.zarr, data.path, data.import_dir inside the folder) stay."""
+        keep = {".lock", "demos.zarr", "imported"}
+        for p in (self.cfg.data.path, self.cfg.data.import_dir):
+            if p and Path(p).resolve().parent == self.run_dir.resolve():
+                keep.add(Path(p).name)
+        old = [e for e in self.run_dir.iterdir() if e.name not in keep and not e.name.startswith("replaced-")]
+        if not old:
+            return
+        aside = self.run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for entry in old:
+            os.replace(entry, aside / entry.name)
+        log.warning("--overwrite: moved the previous run's outputs to %s", aside)
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -340,21 +463,19 @@ class Trainer:
             "rng": _rng_state(),
             "topk": self.topk,
             "elapsed_s": self.elapsed_s(),
+            "finished": self._finished,
         }
 
     def save_latest(self, step: int) -> None:
+        """Write checkpoints/latest, keeping the one it replaces as checkpoints/previous."""
         save_checkpoint(
             self.ckpt_dir / "latest",
             self.eval_policy,
             self.cfg,
             step=step,
             training_state=self._training_state(step),
+            previous=self.ckpt_dir / "previous",
         )
-
-    def _load_latest(self) -> int:
-        state = load_training_state(self.ckpt_dir / "latest")
-        self._restore(state)
-        return int(state["step"])
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Put back what `_training_state` saved (weights, optimizer, schedule, EMA, RNG, top-k)."""
@@ -380,8 +501,6 @@ class Trainer:
         self.topk.sort(key=lambda item: -item[0])
         while len(self.topk) > k:
             _, worst = self.topk.pop()
-            import shutil
-
             shutil.rmtree(worst, ignore_errors=True)
 
     # ----- evaluation -------------------------------------------------------------------------------
@@ -442,18 +561,27 @@ class Trainer:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             # generous timeout: the other ranks wait while rank 0 evaluates in closed loop
             dist.init_process_group(backend, timeout=timedelta(hours=2))
-        self._setup_logging()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir).acquire() if self.is_main else None  # before anything is written
+        try:
+            self._setup_logging()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         self._elapsed_before, self._t0 = 0.0, time.perf_counter()
         try:
-            self._check_config()
+            point = self._prepare_run_folder()
             seed_everything(tc.seed)
             self._build_data()
             self._build_policy()
             self.topk: list[tuple[float, str]] = []
             start = 0
-            if self.resume and (self.ckpt_dir / "latest").exists():
-                start = self._load_latest()
-                log.info("resumed from %s at step %d", self.ckpt_dir / "latest", start)
+            if point is not None:
+                path, state = point
+                self._restore(state)
+                start = int(state["step"])
+                log.info("resumed from %s at step %d", path, start)
             if self.is_main:
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
             sampler = EpochBatchSampler(
@@ -484,6 +612,8 @@ class Trainer:
             self._log_handler.close()
             if self.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
+            if lock is not None:
+                lock.release()
 
     def _train_loop(self, start: int, batches: Iterator) -> None:
         tc = self.cfg.train
@@ -600,14 +730,17 @@ class Trainer:
         tc = self.cfg.train
         if not self.is_main:
             return {}
-        self.save_latest(tc.num_steps)
         if self.cfg.eval.n_episodes == 0:
+            self._finished = True
+            self.save_latest(tc.num_steps)
             report: dict[str, Any] = {"n_episodes": 0}
             log.info("finished; final evaluation skipped (eval.n_episodes=0)")
         else:
+            self.save_latest(tc.num_steps)  # a crash during the evaluation keeps the trained weights
             report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
             self._after_eval(tc.num_steps, report, prefix="eval")
-            self.save_latest(tc.num_steps)  # records the final top-k list too
+            self._finished = True
+            self.save_latest(tc.num_steps)  # records the final top-k list and marks the run finished
             log.info(
                 "finished: success %.3f (95%% CI %.3f-%.3f) over %d episodes; report %s",
                 report["success_rate"],

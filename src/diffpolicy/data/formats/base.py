@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffpolicy.data.episodes import EpisodeStore, EpisodeStoreError
+from diffpolicy.files import make_temp_dir
 
 __all__ = [
     "ForeignDataset",
@@ -110,7 +110,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{target.name}.tmp-")  # the user's umask, not mkdtemp's 0700
     try:
         yield tmp
         if target.exists():

@@ -1,0 +1,561 @@
+"""Fault injection (issue 33): crashes inside the checkpoint swap, kills at random steps, two writers, a full
+disk, read-only folders, bad configs and bad inputs. Each case asserts the message the user sees and that
+nothing the user had was lost. The 20-kill acceptance run is bench/kill_resume.py (and the slow test here).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+
+import diffpolicy.checkpoint as checkpoint_module
+from diffpolicy.checkpoint import CheckpointError, load_training_state, save_checkpoint
+from diffpolicy.cli import main
+from diffpolicy.control import RecedingHorizonController
+from diffpolicy.data.normalize import Normalizer
+from diffpolicy.files import RunFolderBusy, RunLock
+from diffpolicy.policy import ObservationMismatch, make_policy
+from diffpolicy.training.trainer import ResumeMismatch, RunExists, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Crash(Exception):
+    """Stands for a process dying at the point where it is raised."""
+
+
+def make_cfg(store, *extra):
+    return tiny_config(f"data.path={store}", "eval.n_episodes=0", "train.val_every=0", *extra)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256): what 'nothing was lost' is checked against."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def hidden_leftovers(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("."))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    sa, sb = load_training_state(a)["model"], load_training_state(b)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, traj_store) -> Path:
+    """An uninterrupted 24-step run: what every interrupted run must end up identical to."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    Trainer(make_cfg(traj_store), run).fit()
+    return run / "checkpoints" / "latest"
+
+
+# ----- kills inside the checkpoint swap -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])
+def test_a_crash_at_any_rename_of_the_swap_is_recovered(
+    tmp_path, traj_store, reference, monkeypatch, crash_at
+):
+    """The step-16 save (which replaces latest and previous) dies before its 1st, 2nd or 3rd rename:
+    the next run resumes from a complete checkpoint (16 or 8, never 0) and ends identical."""
+    real_replace = os.replace
+    calls = {"n": 0, "armed": False}
+
+    def replace(src, dst):
+        if calls["armed"]:
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash(f"killed before renaming {src} -> {dst}")
+        return real_replace(src, dst)
+
+    class CrashingSave(Trainer):
+        def save_latest(self, step):
+            calls["armed"] = step == 16
+            super().save_latest(step)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        CrashingSave(make_cfg(traj_store), run).fit()
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    if crash_at > 1:  # before the first rename the exception itself removes the temporary
+        assert hidden_leftovers(run / "checkpoints")  # the crash left the swap half done
+    Trainer(make_cfg(traj_store), run).fit()
+    log = (run / "train.log").read_text()
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert resumed and not resumed[-1].endswith("at step 0")
+    assert hidden_leftovers(run / "checkpoints") == []
+    assert same_weights(run / "checkpoints" / "latest", reference)
+
+
+def test_sigkill_inside_the_swap_then_resume(tmp_path, traj_store, reference):
+    """A real SIGKILL at the instant `latest` has been moved to `previous` and the new copy is not yet in
+    place: no `latest` on disk; the next run puts the complete new copy back and continues from it."""
+    run = tmp_path / "run"
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        import diffpolicy.checkpoint as c
+        real = os.replace
+        def replace(src, dst):
+            meta = os.path.join(src, "config.yaml")
+            if str(src).endswith(".latest.new") and "step: 16" in open(meta).read():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst)
+        c.os.replace = replace
+        from diffpolicy.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    args = ["train", "--preset", "trajectory2d_lowdim_unet", "--run-dir", str(run)]
+    args += [f"data.path={traj_store}", "eval.n_episodes=0", "train.val_every=0"]
+    args += [a for a in __import__("conftest").TINY if not a.startswith("eval.n_episodes")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    ckpt = run / "checkpoints"
+    assert not (ckpt / "latest").exists() and (ckpt / ".latest.new").is_dir()
+    with pytest.raises(CheckpointError, match="a save was interrupted; the complete copy is"):
+        checkpoint_module.read_meta(ckpt / "latest")  # a reader is told where the copy is
+    Trainer(make_cfg(traj_store), run).fit()
+    assert "completed an interrupted save" in (run / "train.log").read_text()
+    assert "resumed from" in (run / "train.log").read_text()
+    assert same_weights(ckpt / "latest", reference)
+
+
+def test_random_kills_resume_exactly(tmp_path, traj_store, reference):
+    """Three 'kills' at random optimizer steps (fixed seed): each restart loses at most one checkpoint
+    interval and the final weights equal the uninterrupted run's bit for bit."""
+    rng = random.Random(33)
+    run = tmp_path / "run"
+    kill_steps = sorted(rng.sample(range(1, 24), 3))
+
+    for kill in kill_steps:
+
+        class Killed(Trainer):
+            kill_at = kill
+
+            def _after_optimizer_step(self, step):
+                super()._after_optimizer_step(step)
+                if step == self.kill_at:
+                    raise Crash(step)
+
+        with pytest.raises(Crash):
+            Killed(make_cfg(traj_store), run).fit()
+        latest = run / "checkpoints" / "latest"
+        saved = load_training_state(latest)["step"] if latest.exists() else 0
+        assert kill - saved <= 8  # at most one checkpoint interval (train.checkpoint_every=8) lost
+    Trainer(make_cfg(traj_store), run).fit()
+    assert same_weights(run / "checkpoints" / "latest", reference)
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_at_random_moments(tmp_path):
+    """The acceptance run: bench/kill_resume.py, 20 SIGKILLs, every resume exact."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kill_resume.py"), "--kills", "20", "--out", str(tmp_path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "final weights identical to the uninterrupted run: True" in out.stdout
+
+
+# ----- corrupt files, stale temporaries -----------------------------------------------------------------
+
+
+def test_a_corrupt_latest_falls_back_to_previous(tmp_path, traj_store, reference, caplog):
+    run = tmp_path / "run"
+
+    class Killed(Trainer):
+        def save_latest(self, step):
+            super().save_latest(step)
+            if step == 16:
+                raise Crash
+
+    with pytest.raises(Crash):
+        Killed(make_cfg(traj_store), run).fit()
+    bad = run / "checkpoints" / "latest" / "training_state.pt"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated, as by a failing disk
+    (run / "checkpoints" / ".latest.tmp-0badc0de").mkdir()  # a stale temporary of an older kill
+    Trainer(make_cfg(traj_store), run).fit()
+    log = (run / "train.log").read_text()
+    assert f"cannot resume from {run / 'checkpoints' / 'latest'}: {bad} is corrupt or truncated" in log
+    assert "resuming from" in log and "previous (step 8) instead" in log
+    assert hidden_leftovers(run / "checkpoints") == []
+    assert same_weights(run / "checkpoints" / "latest", reference)
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_restart(tmp_path, traj_store):
+    run = tmp_path / "run"
+    Trainer(make_cfg(traj_store, "train.num_steps=16"), run).fit()
+    for name in ("latest", "previous"):
+        (run / "checkpoints" / name / "training_state.pt").write_bytes(b"garbage")
+    before = tree_digest(run)
+    with pytest.raises(CheckpointError, match="no checkpoint in .* loads: .*Nothing was changed"):
+        Trainer(make_cfg(traj_store, "train.num_steps=24"), run).fit()
+    after = tree_digest(run)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"
+    }
+
+
+# ----- two writers ----------------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, traj_store):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from diffpolicy.files import RunLock; lock = RunLock({str(run)!r}).acquire(); "
+            "print('held', flush=True); import time; time.sleep(120)",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=rf"{run} is in use by pid {holder.pid} on \S+ since"):
+            Trainer(make_cfg(traj_store), run).fit()
+        assert not (run / "config.yaml").exists() and not (run / "train.log").exists()  # wrote nothing
+    finally:
+        holder.kill()  # a crashed holder: the kernel drops its lock
+        holder.wait()
+    Trainer(make_cfg(traj_store, "train.num_steps=8"), run).fit()
+    assert (run / "checkpoints" / "latest").exists()
+    with RunLock(run):  # released after the run
+        pass
+
+
+# ----- overwriting, relabelling, resuming with another config ----------------------------------------
+
+
+def test_finished_runs_are_never_overwritten_or_relabelled(tmp_path, traj_store):
+    run = tmp_path / "run"
+    Trainer(make_cfg(traj_store, "train.num_steps=16"), run).fit()
+    before = tree_digest(run / "checkpoints")
+    with pytest.raises(RunExists, match="already holds a run .* --no-resume refuses"):
+        Trainer(make_cfg(traj_store, "train.num_steps=16"), run, resume=False).fit()
+    with pytest.raises(RunExists, match="train.num_steps=8 is below the step .* already reached \\(16"):
+        Trainer(make_cfg(traj_store, "train.num_steps=8"), run).fit()
+    with pytest.raises(RunExists, match="holds a finished run \\(step 16 of train.num_steps=16\\)"):
+        Trainer(make_cfg(traj_store, "train.num_steps=16"), run).fit()
+    with pytest.raises(ResumeMismatch, match="train.lr: 0.001 -> 0.0005.*cannot change mid-run"):
+        Trainer(make_cfg(traj_store, "train.num_steps=16", "train.lr=5e-4"), run).fit()
+    assert tree_digest(run / "checkpoints") == before
+    # --overwrite moves the old run aside (nothing deleted) and trains again from step 0
+    Trainer(make_cfg(traj_store, "train.num_steps=8"), run, overwrite=True).fit()
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and tree_digest(aside[0] / "checkpoints") == before
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 8
+    # a finished run may be extended (num_steps is one of the keys that may change)
+    Trainer(make_cfg(traj_store, "train.num_steps=12"), run).fit()
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 12
+
+
+def test_cli_no_resume_and_overwrite(tmp_path, traj_store, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    args += [*__import__("conftest").TINY, "train.num_steps=8", "eval.n_episodes=0", "train.val_every=0"]
+    assert main(args) == 0
+    before = tree_digest(run / "checkpoints")
+    assert main([*args, "--no-resume"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite to move it aside" in err
+    assert tree_digest(run / "checkpoints") == before
+    assert main([*args, "--overwrite"]) == 0
+    (aside,) = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert tree_digest(aside / "checkpoints") == before
+
+
+# ----- evaluation reports -------------------------------------------------------------------------------
+
+
+def test_eval_never_writes_inside_a_checkpoint(tmp_path, traj_store, capsys):
+    from diffpolicy.cli import eval_output_dir
+
+    run = tmp_path / "run"
+    Trainer(make_cfg(traj_store, "train.num_steps=8"), run).fit()
+    latest = run / "checkpoints" / "latest"
+    out = eval_output_dir(latest, None)
+    assert out.parent == (run / "eval_checkpoints").resolve() and out.name.startswith("latest-")
+    topk = next((run / "checkpoints" / "topk").iterdir()) if (run / "checkpoints" / "topk").exists() else None
+    if topk is not None:
+        assert eval_output_dir(topk, None).name.startswith(f"topk_{topk.name}-")
+    before = sorted(p.name for p in latest.iterdir())
+    assert main(["eval", "--checkpoint", str(latest), "--out", str(latest / "eval"), "--episodes", "1"]) == 2
+    assert "lies inside the checkpoint folder" in capsys.readouterr().err
+    assert (
+        main(["eval", "--checkpoint", str(latest), "--episodes", "1", "eval.n_envs=1", "eval.max_steps=5"])
+        == 0
+    )
+    assert sorted(p.name for p in latest.iterdir()) == before
+    (report,) = (run / "eval_checkpoints").glob("latest-*/report.json")
+    assert report.exists()
+
+
+# ----- disk full, read-only folders, permissions -----------------------------------------------------
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint(tmp_path, traj_store, monkeypatch, capsys):
+    """ENOSPC while writing the step-16 checkpoint (simulated: torch.save raises errno 28). The CLI prints
+    one line, the step-8 checkpoint is intact, no temporary is left, and the rerun resumes from it."""
+    run = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    args += [*__import__("conftest").TINY, "eval.n_episodes=0", "train.val_every=0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "error: the disk is full" in err and "training_state.pt" in err
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 8
+    assert hidden_leftovers(run / "checkpoints") == []
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert main(args) == 0
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 24
+
+
+def test_a_real_full_file_system(tmp_path):
+    """A size-limited file system needs mounting rights (tmpfs size=, a loop device); none is mounted
+    here without them, so the ENOSPC path is covered by the simulation above."""
+    small = os.environ.get("DIFFPOLICY_SMALL_FS")  # a writable mount of a few MB, if CI provides one
+    if not small:
+        pytest.skip("no size-limited file system available without root (set DIFFPOLICY_SMALL_FS)")
+    policy = make_policy(tiny_config().policy, {"obs": {"x": {"shape": [2]}}, "action": {"shape": [2]}})
+    target = Path(small) / "ckpt"
+    filler = Path(small) / "filler"
+    try:
+        with open(filler, "wb") as f, pytest.raises(OSError) as e:
+            while True:
+                f.write(b"\0" * (1 << 20))
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            save_checkpoint(target, policy, tiny_config())
+        assert not target.exists() and not list(Path(small).glob(".ckpt.*"))
+    finally:
+        filler.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions: chmod cannot block writes")
+def test_read_only_run_folder_is_one_line(tmp_path, traj_store, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        args = [
+            "train",
+            "--run-dir",
+            str(run),
+            "--preset",
+            "trajectory2d_lowdim_unet",
+            f"data.path={traj_store}",
+        ]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: permission denied" in err and str(run) in err
+    finally:
+        run.chmod(0o700)
+
+
+def test_permission_errors_are_one_line(tmp_path, traj_store, monkeypatch, capsys):
+    """The read-only case where permissions cannot be used (root): the lock file cannot be opened."""
+    import builtins
+
+    real_open = builtins.open
+
+    def denied(file, *a, **k):
+        if str(file).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: permission denied ({run / '.lock'})" in err
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    policy = make_policy(tiny_config().policy, {"obs": {"x": {"shape": [2]}}, "action": {"shape": [2]}})
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", policy, tiny_config(), training_state={"step": 0})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == {
+        "config.yaml": 0o644,
+        "model.safetensors": 0o644,
+        "training_state.pt": 0o644,
+    }
+
+
+# ----- bad configs --------------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
+    ("train.log_every=0", "train.log_every=0 must be >= 1"),
+    ("train.num_steps=-5", "train.num_steps=-5 must be >= 1"),
+    ("train.lr=0", "train.lr=0.0 must be > 0"),
+    ("train.lr=nan", "train.lr=nan must be > 0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every=-1 must be >= 0"),
+    ("train.ema.power=-1", "train.ema.power=-1.0 must be > 0"),
+    ("train.betas=[0.9]", "train.betas=[0.9] must be two numbers in [0, 1)"),
+    ("train.seed=-1", "train.seed=-1 must be in [0, 2**32)"),
+    ("policy.unet.n_groups=3", "policy.unet.down_dims=[16, 32] must be positive multiples of"),
+    ("policy.transformer.n_head=3", "policy.transformer.n_emb=32 must be a multiple of"),
+    ("policy.scheduler.beta_end=2", "policy.scheduler.beta_end=2.0 must be in (0, 1)"),
+    ("eval.max_steps=0", "eval.max_steps=0 must be >= 1 (or null: the task's limit)"),
+    ("collect.n_workers=0", "collect.n_workers=0 must be >= 1"),
+    ("train.batch_size=abc", "bad value for 'train.batch_size'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_configs_name_the_key_and_touch_nothing(tmp_path, traj_store, capsys, override, message):
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    args += [*__import__("conftest").TINY, override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not run.exists()
+
+
+def test_malformed_yaml_preset_is_one_line(tmp_path, capsys):
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("train:\n  batch_size: 4\n   lr: [1\n")
+    assert main(["train", "--preset", str(preset), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"preset {preset} is not valid YAML at line 3" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+# ----- bad inputs to the policy and the controller -------------------------------------------------------
+
+META = {"obs": {"pos": {"shape": [2], "type": "low_dim"}}, "action": {"shape": [2]}}
+IMAGE_META = {"obs": {"cam": {"shape": [3, 16, 16], "type": "rgb"}}, "action": {"shape": [2]}}
+
+
+def fitted_policy(meta, *overrides):
+    cfg = tiny_config(*overrides)
+    policy = make_policy(cfg.policy, meta)
+    data = {k: torch.rand(64, *v["shape"]) for k, v in meta["obs"].items()} | {"action": torch.randn(64, 2)}
+    modes = {k: "image" if v["type"] == "rgb" else "minmax" for k, v in meta["obs"].items()} | {
+        "action": "minmax"
+    }
+    policy.normalizer.load_state_dict(Normalizer.fit(data, modes).state_dict())
+    return policy.eval()
+
+
+VISION = ("policy.vision.backbone=compact", "policy.vision.cnn_channels=[4]", "policy.vision.cnn_strides=[2]")
+VISION += ("policy.vision.crop_shape=[12,12]", "policy.vision.num_keypoints=4", "policy.vision.feature_dim=8")
+
+BAD_INPUTS = [
+    (
+        "numpy",
+        lambda: {"pos": np.zeros((1, 2, 2), np.float32)},
+        TypeError,
+        "'pos' is a ndarray; predict_action takes torch tensors",
+    ),
+    (
+        "float64",
+        lambda: {"pos": torch.zeros(1, 2, 2, dtype=torch.float64)},
+        ObservationMismatch,
+        "'pos' has dtype torch.float64, the policy takes torch.float32",
+    ),
+    (
+        "no batch axis",
+        lambda: {"pos": torch.zeros(2, 2)},
+        ObservationMismatch,
+        r"'pos' has shape \(2, 2\), expected \(B, >= 2, 2\) \(batch, time steps",
+    ),
+    (
+        "short history",
+        lambda: {"pos": torch.zeros(1, 1, 2)},
+        ObservationMismatch,
+        r"'pos' has shape \(1, 1, 2\), expected \(B, >= 2, 2\)",
+    ),
+    ("wrong size", lambda: {"pos": torch.zeros(1, 2, 3)}, ObservationMismatch, r"expected \(B, >= 2, 2\)"),
+]
+
+
+@pytest.mark.parametrize("name,obs,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_policy_inputs_are_named(name, obs, error, message):
+    policy = fitted_policy(META)
+    with pytest.raises(error, match=message):
+        policy.predict_action(obs())
+
+
+def test_image_inputs_outside_0_1_and_uint8_are_named():
+    policy = fitted_policy(IMAGE_META, *VISION)
+    good = torch.rand(1, 2, 3, 16, 16)
+    assert policy.predict_action({"cam": good})["action"].shape == (1, 8, 2)
+    with pytest.raises(
+        ObservationMismatch, match=r"camera observation 'cam' has values in \[255, 255\].*divide"
+    ):
+        policy.predict_action({"cam": good * 0 + 255})
+    with pytest.raises(ObservationMismatch, match="'cam' has dtype torch.uint8.*uint8 / 255"):
+        policy.predict_action({"cam": (good * 255).to(torch.uint8)})
+
+
+def test_bad_controller_inputs_are_named():
+    policy = fitted_policy(META)
+    ctrl = RecedingHorizonController(policy)
+    with pytest.raises(
+        ValueError, match=r"'pos' has shape \(2,\); the controller takes one row per environment, \(N, 2\)"
+    ):
+        ctrl.act({"pos": np.zeros(2)})
+    ctrl.reset()
+    assert ctrl.act({"pos": np.zeros((4, 2))}).shape == (4, 2)
+    with pytest.raises(ValueError, match=r"hold \[3\] environments but this episode began with 4.*reset\(\)"):
+        ctrl.act({"pos": np.zeros((3, 2))})
+    ctrl.reset()
+    assert ctrl.act({"pos": torch.zeros(3, 2)}).shape == (3, 2)  # a tensor from a torch env is fine
+    image_ctrl = RecedingHorizonController(fitted_policy(IMAGE_META, *VISION))
+    with pytest.raises(ValueError, match=r"camera observation 'cam' has values in \[-1, 1\].*0\.\.255"):
+        image_ctrl.act({"cam": np.full((1, 16, 16, 3), -1.0, np.float32) + np.eye(16)[None, :, :, None] * 2})
+
+
+def test_saved_config_is_what_a_resume_checks(tmp_path, traj_store):
+    """Editing the run folder's config.yaml does not let a resume change a fixed key: the checkpoint's own
+    config is compared."""
+    run = tmp_path / "run"
+    Trainer(make_cfg(traj_store, "train.num_steps=8"), run).fit()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["policy"]["horizon"] = 24
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ResumeMismatch, match="policy.horizon: 16 -> 24"):
+        Trainer(make_cfg(traj_store, "train.num_steps=16", "policy.horizon=24"), run).fit()
