@@ -43,6 +43,9 @@ VARIANTS = [
     ("policy.net=unet", "policy.scheduler.sampler=ddim", "policy.scheduler.num_inference_steps=4"),
     ("policy.type=mse_bc", "policy.net=unet"),
     ("policy.type=mse_bc", "policy.net=transformer"),
+    ("policy.objective=flow", "policy.scheduler.sampler=euler", "policy.scheduler.num_inference_steps=4"),
+    ("policy.net=transformer", "policy.objective=flow", "policy.scheduler.sampler=heun"),
+    ("policy.obs_as_global_cond=false", "policy.objective=flow", "policy.scheduler.sampler=euler"),
 ]
 
 
@@ -178,9 +181,12 @@ def test_one_noise_sample_draws_what_the_paper_loss_always_drew():
 
 def test_one_registry_serves_configs_and_checkpoints():
     from diffpolicy.config import _CHOICES
-    from diffpolicy.policy import POLICY_TYPES, policy_class
+    from diffpolicy.policy import OBJECTIVES, POLICY_TYPES, policy_class
 
     assert set(POLICY_TYPES) == set(_CHOICES["policy.type"])
+    assert set(OBJECTIVES) == set(_CHOICES["policy.objective"])
     for name, cls in POLICY_TYPES.items():
         assert policy_class(name) is cls and policy_class(cls.__name__) is cls
+    for cls in OBJECTIVES.values():
+        assert policy_class(cls.__name__) is cls
     assert policy_class("NoSuchPolicy") is None

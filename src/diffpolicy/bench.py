@@ -35,6 +35,7 @@ from diffpolicy.training.optim import make_optimizer
 from diffpolicy.training.trainer import make_dataset, resolve_device, to_device
 
 DEFAULT_SAMPLERS = (("ddpm", 100), ("ddim", 10))
+FLOW_SAMPLERS = (("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2))  # a FlowPolicy's default rows
 
 
 def _sync(device: torch.device) -> None:
@@ -101,13 +102,14 @@ def bench_preset(
     preset: str,
     device: torch.device,
     batch_size: int | None = None,
-    samplers: tuple[tuple[str, int], ...] = DEFAULT_SAMPLERS,
+    samplers: tuple[tuple[str, int], ...] | None = None,
     warmup: int = 2,
     repeats: int = 5,
     overrides: list[str] | None = None,
     data: str | None = None,
 ) -> dict[str, Any]:
-    """One table row: train-step and chunk timings for `preset` (and data loading when `data` is set)."""
+    """One table row: train-step and chunk timings for `preset` (and data loading when `data` is set);
+    `samplers` default to DDPM-100 and DDIM-10, or Euler 1 / 2 / 4 and Heun 2 for a flow-matching policy."""
     cfg = load_config(preset, overrides or [])
     from diffpolicy.tasks import make_task
 
@@ -162,6 +164,8 @@ def bench_preset(
     row["train_precision"] = cfg.train.mixed_precision
     row["precision"], row["compile"] = cfg.eval.precision, cfg.eval.compile or "no"
     obs1 = synthetic_obs(shape_meta, 1, p.n_obs_steps, device)
+    if samplers is None:
+        samplers = FLOW_SAMPLERS if p.objective == "flow" else DEFAULT_SAMPLERS
     for sampler, steps in samplers if hasattr(policy, "set_sampler") else (("regression", 1),):
         if hasattr(policy, "set_sampler"):
             policy.set_sampler(sampler, steps)

@@ -149,6 +149,27 @@ class VisionConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Flow matching (policy.objective=flow): the path, the training times and nothing else.
+
+    The chunk moves on the straight line x_s = (1 - s) x0 + s noise from the clean chunk (s = 0) to
+    noise (s = 1), diffusers' FlowMatchEulerDiscreteScheduler convention; the network predicts the
+    velocity noise - x0 with the time input s * policy.scheduler.num_train_timesteps, the range the
+    DDPM networks see. Sampling is policy.scheduler.sampler (euler | heun) with num_inference_steps
+    equal steps in s.
+    """
+
+    # Which noise levels s training sees: beta (pi0's: s = 1 - s_max + s_max u, u ~ Beta(beta_alpha, 1),
+    # more weight on the noisy end where few-step sampling starts) | uniform | logit_normal (SD3's:
+    # s = sigmoid(logit_normal_mean + logit_normal_std * z), more weight on the middle)
+    time_sampling: str = "beta"
+    beta_alpha: float = 1.5
+    s_max: float = 0.999
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+
+
+@dataclass
 class PolicyConfig:
     type: str = "diffusion"  # diffusion | mse_bc | consistency (made by `diffpolicy distill`)
     net: str = "unet"  # unet | transformer
@@ -159,6 +180,10 @@ class PolicyConfig:
     # Training: noised copies of each action chunk per observation encoding (K denoising targets share one
     # pass of the observation encoder; the noise net sees batch_size * K chunks). 1 = the paper's loss.
     noise_samples_per_obs: int = 1
+    # policy.type=diffusion's training objective: ddpm (the paper's, samplers ddpm | ddim) | flow (flow
+    # matching, samplers euler | heun with few steps and no distillation; see FlowConfig)
+    objective: str = "ddpm"
+    flow: FlowConfig = field(default_factory=FlowConfig)
     unet: UnetConfig = field(default_factory=UnetConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
@@ -312,12 +337,15 @@ class RunConfig:
 PRECISIONS = ("fp32", "bf16")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of policy.objective=flow
 
 _CHOICES = {
     "policy.type": ("diffusion", "mse_bc", "consistency"),
     "policy.net": ("unet", "transformer"),
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),
-    "policy.scheduler.sampler": ("ddpm", "ddim", "consistency"),
+    "policy.scheduler.sampler": ("ddpm", "ddim", "consistency", "euler", "heun"),
+    "policy.objective": ("ddpm", "flow"),
+    "policy.flow.time_sampling": ("beta", "uniform", "logit_normal"),
     "policy.scheduler.timestep_spacing": TIMESTEP_SPACINGS,
     "distill.objective": ("cm", "ctm", "dmd"),
     "distill.dmd_divergence": ("kl", "fisher"),
@@ -476,6 +504,21 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"policy.scheduler.sampler={p.scheduler.sampler!r} does not fit policy.type={p.type!r}: "
             "consistency sampling is for (and the only sampler of) consistency-distilled policies"
+        )
+    flow = p.objective == "flow"
+    if flow and p.type != "diffusion":
+        raise ConfigError(f"policy.objective=flow is for policy.type=diffusion, not {p.type!r}")
+    if flow != (p.scheduler.sampler in FLOW_SAMPLERS):
+        raise ConfigError(
+            f"policy.scheduler.sampler={p.scheduler.sampler!r} does not fit "
+            f"policy.objective={p.objective!r}: "
+            f"a flow-matching policy samples with {FLOW_SAMPLERS}, a DDPM-trained one with ddpm | ddim"
+        )
+    f = p.flow
+    if not (f.beta_alpha > 0 and 0 < f.s_max <= 1 and f.logit_normal_std > 0):
+        raise ConfigError(
+            "policy.flow needs beta_alpha > 0, 0 < s_max <= 1 and logit_normal_std > 0, got "
+            f"{f.beta_alpha}, {f.s_max}, {f.logit_normal_std}"
         )
     grid = p.consistency.original_inference_steps
     if not 1 <= grid <= p.scheduler.num_train_timesteps:

@@ -183,6 +183,10 @@ def guided_chunk(
     """
     if not policy.cfg.obs_as_global_cond:
         raise ValueError("real-time chunking needs policy.obs_as_global_cond=true")
+    if getattr(policy.cfg, "objective", "ddpm") != "ddpm":
+        raise ValueError(
+            "real-time chunking guides DDPM / DDIM sampling; a flow-matching policy is not supported yet"
+        )
     kind = policy.cfg.scheduler.prediction_type
     with torch.inference_mode(False), torch.no_grad():
         features = policy.encode_obs({k: v.clone() for k, v in obs.items()})

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 from torch import Generator, Tensor, nn
 
 from diffpolicy.checkpoint import CheckpointError, load_weights, read_config
 from diffpolicy.config import (
     COMPILE_MODES,
+    FLOW_SAMPLERS,
     PRECISIONS,
     TIMESTEP_SPACINGS,
     ConsistencyConfig,
@@ -466,9 +467,27 @@ class DiffusionPolicy(BasePolicy):
         k = self.cfg.noise_samples_per_obs
         lead = (batch_size,) if k == 1 else (batch_size, k)
         noise = torch.randn((*lead, self.horizon, self.trajectory_dim), generator=generator, device=device)
+        return {"noise": noise, "timesteps": self.draw_training_times(lead, generator, device)}
+
+    def draw_training_times(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """Training diffusion steps, uniform over the DDPM's integer steps [0, num_train_timesteps)."""
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, lead, generator=generator, device=device)
-        return {"noise": noise, "timesteps": timesteps}
+        return torch.randint(0, steps, shape, generator=generator, device=device)
+
+    def noised_and_target(
+        self, traj: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, regression target, the network's time input) for clean chunks at times t: the
+        DDPM forward process; the target by prediction_type (epsilon: noise, sample: chunk, v: v)."""
+        noisy = self.noise_scheduler.add_noise(traj, noise, t)
+        kind = self.cfg.scheduler.prediction_type
+        if kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(traj, noise, t)
+        else:
+            target = noise if kind == "epsilon" else traj
+        return noisy, target, t
 
     def compute_loss(
         self,
@@ -476,7 +495,8 @@ class DiffusionPolicy(BasePolicy):
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDPM objective: predict the noise (or the clean chunk, or v) of a randomly noised action chunk.
+        """The denoising objective (`noised_and_target`): DDPM here, predict the noise (or the clean chunk,
+        or v) of a randomly noised action chunk; flow matching in FlowPolicy.
 
         `noise` / `timesteps` default to fresh draws from the global RNG. With
         policy.noise_samples_per_obs = K > 1 every chunk is noised K times against one encoding of its
@@ -492,8 +512,7 @@ class DiffusionPolicy(BasePolicy):
         if noise is None:
             noise = torch.randn((*lead, *traj.shape[1:]), device=traj.device, dtype=traj.dtype)
         if timesteps is None:
-            steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, lead, device=traj.device)
+            timesteps = self.draw_training_times(lead, None, traj.device)
         if noise.shape != (*lead, *traj.shape[1:]) or timesteps.shape != lead:
             raise ValueError(
                 f"noise {tuple(noise.shape)} / timesteps {tuple(timesteps.shape)} do not fit "
@@ -504,18 +523,11 @@ class DiffusionPolicy(BasePolicy):
             cond = None if cond is None else cond.repeat_interleave(k, 0)
             cond_mask = None if cond_mask is None else cond_mask.repeat_interleave(k, 0)
             noise, timesteps = noise.flatten(0, 1), timesteps.flatten(0, 1)
-        t = timesteps.to(traj.device)
         noise = noise.to(traj.device, traj.dtype)
-        noisy = self.noise_scheduler.add_noise(traj, noise, t)
+        noisy, target, net_t = self.noised_and_target(traj, noise, timesteps.to(traj.device))
         if cond_mask is not None:
             noisy = torch.where(cond_mask, traj, noisy)
-        pred = self.call_net(noisy, t, cond)
-        kind = self.cfg.scheduler.prediction_type
-        if kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(traj, noise, t)
-        else:
-            target = noise if kind == "epsilon" else traj
-        return self.masked_mse(pred, target, mask)
+        return self.masked_mse(self.call_net(noisy, net_t, cond), target, mask)
 
     def _sample_loop(
         self,
@@ -557,6 +569,113 @@ class DiffusionPolicy(BasePolicy):
         sample = self._sample_loop(sample, cond, cond_traj, cond_mask, generator)
         action_pred = self.normalizer.unnormalize("action", sample[..., : self.action_dim])
         return self.select_executed(self.check_actions(action_pred))
+
+
+class FlowPolicy(DiffusionPolicy):
+    """Diffusion Policy trained by flow matching (policy.objective=flow): few-step sampling, no distillation.
+
+    Same networks, encoders and conditioning as DiffusionPolicy; only the objective and the sampler
+    differ. Training puts the clean chunk x0 at a noise level s on the straight path
+    x_s = (1 - s) x0 + s noise and regresses the network's output on the velocity noise - x0 (rectified
+    flow / conditional flow matching, as pi0's action expert); the network's time input is
+    s * num_train_timesteps, so it sees the same range as a DDPM network. Sampling integrates the ODE
+    dx/ds = v(x, s) from s = 1 (noise) to 0 over num_inference_steps equal steps: `euler` is diffusers'
+    FlowMatchEulerDiscreteScheduler on that grid (one network call per step); `heun` is Heun's
+    second-order method on the same grid (two calls per step), written here because diffusers'
+    FlowMatchHeunDiscreteScheduler accepts no custom grid and spends its last step between s = 1/T and 0.
+    The training times follow policy.flow.time_sampling (see FlowConfig).
+    """
+
+    def set_sampler(
+        self, sampler: str, num_inference_steps: int, timestep_spacing: str | None = None
+    ) -> None:
+        """Euler or Heun with `num_inference_steps` equal steps in s (timestep_spacing does not apply)."""
+        if sampler not in FLOW_SAMPLERS:
+            raise ValueError(
+                f"sampler {sampler!r} is not one of {FLOW_SAMPLERS} for a flow-matching policy "
+                "(ddpm / ddim sample DDPM-trained policies)"
+            )
+        if timestep_spacing is not None:
+            raise ValueError("timestep_spacing applies to ddpm / ddim sampling, not to flow matching")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.sampler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.cfg.scheduler.num_train_timesteps, shift=1.0
+        )
+        self.flow_sampler, self.num_inference_steps = sampler, num_inference_steps
+
+    @property
+    def sampler_name(self) -> str:
+        return "flow Euler" if self.flow_sampler == "euler" else "flow Heun"
+
+    @property
+    def timestep_spacing(self) -> str | None:
+        return None  # always equal steps in s
+
+    @property
+    def network_calls(self) -> int:
+        """Network evaluations per chunk: one per Euler step, two per Heun step."""
+        return self.num_inference_steps * (2 if self.flow_sampler == "heun" else 1)
+
+    def set_sampling_timesteps(self, device: torch.device) -> None:
+        # s = 1, 1 - 1/n, ..., 1/n (the scheduler appends the terminal 0); its timesteps are s * T
+        n = self.num_inference_steps
+        self.sampler.set_timesteps(sigmas=[1 - i / n for i in range(n)], device=device)
+
+    def draw_training_times(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """Noise levels s in [0, 1] from policy.flow.time_sampling, drawn from `generator` (uniforms or
+        normals only, so that DDP ranks can share one draw, see `sample_training_noise`)."""
+        f = self.cfg.flow
+        if f.time_sampling == "logit_normal":
+            z = torch.randn(shape, generator=generator, device=device)
+            return torch.sigmoid(f.logit_normal_mean + f.logit_normal_std * z)
+        u = torch.rand(shape, generator=generator, device=device)
+        if f.time_sampling == "uniform":
+            return u
+        # Beta(alpha, 1) by its inverse CDF u^(1/alpha), then s_max keeps s = 0 (a zero velocity target
+        # scale) out of reach as pi0 does
+        return 1 - f.s_max + f.s_max * u.pow(1 / f.beta_alpha)
+
+    def noised_and_target(
+        self, traj: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The point x_s of the straight path, its velocity noise - x0, and the network's time s * T."""
+        s = t.to(traj.dtype).view(-1, *([1] * (traj.dim() - 1)))
+        noisy = (1 - s) * traj + s * noise
+        return noisy, noise - traj, t * self.cfg.scheduler.num_train_timesteps
+
+    def _sample_loop(
+        self,
+        sample: torch.Tensor,
+        cond: torch.Tensor | None,
+        cond_traj: torch.Tensor,
+        cond_mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Integrate from s = 1 to 0; inpainted observation features are put back before every call."""
+
+        def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            if cond_mask is not None:
+                x = torch.where(cond_mask, cond_traj, x)
+            return self._denoise_call(x, timestep, cond)
+
+        self.set_sampling_timesteps(sample.device)
+        sigmas, T = self.sampler.sigmas, self.cfg.scheduler.num_train_timesteps
+        for i, t in enumerate(self.sampler.timesteps):
+            v = velocity(sample, t)
+            if self.flow_sampler == "euler":
+                sample = self.sampler.step(v, t, sample).prev_sample
+                continue
+            # Heun: an Euler predictor to the next level, then the mean of the two velocities
+            ds = sigmas[i + 1] - sigmas[i]
+            predicted = sample + ds * v
+            sample = sample + ds * 0.5 * (v + velocity(predicted, sigmas[i + 1] * T))
+        if cond_mask is not None:
+            sample = torch.where(cond_mask, cond_traj, sample)
+        clip = self.cfg.scheduler.clip_sample
+        return sample.clamp(-1.0, 1.0) if clip else sample
 
 
 class ConsistencyPolicy(DiffusionPolicy):
@@ -714,24 +833,29 @@ class MseBCPolicy(BasePolicy):
         return self.select_executed(self.check_actions(action_pred))
 
 
-# The one registry of policy classes: config `policy.type` -> class. make_policy builds from it, and
-# load_policy finds a checkpoint's class (saved by name) in it. A new policy class is added here only.
+# The one registry of policy classes: config `policy.type` -> class, and for policy.type=diffusion its
+# `policy.objective` -> class. make_policy builds from it, and load_policy finds a checkpoint's class (saved
+# by name) in it. A new policy class is added here only.
 POLICY_TYPES: dict[str, type[BasePolicy]] = {
     "diffusion": DiffusionPolicy,
     "mse_bc": MseBCPolicy,
     "consistency": ConsistencyPolicy,
 }
+OBJECTIVES: dict[str, type[DiffusionPolicy]] = {"ddpm": DiffusionPolicy, "flow": FlowPolicy}
 
 
 def policy_class(name: str) -> type[BasePolicy] | None:
     """The registered class for a config `policy.type` ("diffusion") or a saved class name ("MseBCPolicy")."""
     if name in POLICY_TYPES:
         return POLICY_TYPES[name]
-    return next((cls for cls in POLICY_TYPES.values() if cls.__name__ == name), None)
+    classes = [*POLICY_TYPES.values(), *OBJECTIVES.values()]
+    return next((cls for cls in classes if cls.__name__ == name), None)
 
 
 def make_policy(cfg: PolicyConfig, shape_meta: dict[str, Any]) -> BasePolicy:
-    return POLICY_TYPES[cfg.type](cfg, shape_meta)
+    """A fresh policy of `cfg.type` (a diffusion policy's class follows `cfg.objective`)."""
+    cls = OBJECTIVES[cfg.objective] if cfg.type == "diffusion" else POLICY_TYPES[cfg.type]
+    return cls(cfg, shape_meta)
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[BasePolicy, RunConfig]:

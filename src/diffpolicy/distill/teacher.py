@@ -31,6 +31,11 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             f"the teacher {path} holds a {type(policy).__name__}, not a DiffusionPolicy: only diffusion "
             "policies can be distilled"
         )
+    if cfg.policy.objective != "ddpm":
+        raise TeacherError(
+            f"the teacher {path} was trained by flow matching (policy.objective={cfg.policy.objective}); "
+            "distillation follows a DDPM teacher's ODE. A flow policy samples in 1-4 Euler steps without it"
+        )
     if not cfg.policy.obs_as_global_cond:
         raise TeacherError(
             f"the teacher {path} uses inpainting conditioning (policy.obs_as_global_cond=false); "
