@@ -581,8 +581,9 @@ class FlowPolicy(DiffusionPolicy):
     s * num_train_timesteps, so it sees the same range as a DDPM network. Sampling integrates the ODE
     dx/ds = v(x, s) from s = 1 (noise) to 0 over num_inference_steps equal steps: `euler` is diffusers'
     FlowMatchEulerDiscreteScheduler on that grid (one network call per step); `heun` is Heun's
-    second-order method on the same grid (two calls per step), written here because diffusers'
-    FlowMatchHeunDiscreteScheduler accepts no custom grid and spends its last step between s = 1/T and 0.
+    second-order method on the same grid (two calls per step, the last step into s = 0 Euler), written
+    here because diffusers' FlowMatchHeunDiscreteScheduler accepts no custom grid and spends its last step
+    between s = 1/T and 0.
     The training times follow policy.flow.time_sampling (see FlowConfig).
     """
 
@@ -614,8 +615,9 @@ class FlowPolicy(DiffusionPolicy):
 
     @property
     def network_calls(self) -> int:
-        """Network evaluations per chunk: one per Euler step, two per Heun step."""
-        return self.num_inference_steps * (2 if self.flow_sampler == "heun" else 1)
+        """Network evaluations per chunk: one per Euler step; two per Heun step but the last (Euler)."""
+        n = self.num_inference_steps
+        return 2 * n - 1 if self.flow_sampler == "heun" else n
 
     def set_sampling_timesteps(self, device: torch.device) -> None:
         # s = 1, 1 - 1/n, ..., 1/n (the scheduler appends the terminal 0); its timesteps are s * T
@@ -668,10 +670,15 @@ class FlowPolicy(DiffusionPolicy):
             if self.flow_sampler == "euler":
                 sample = self.sampler.step(v, t, sample).prev_sample
                 continue
-            # Heun: an Euler predictor to the next level, then the mean of the two velocities
+            # Heun: an Euler predictor to the next level, then the mean of the two velocities; the step
+            # into s = 0 stays Euler (as in Karras et al.'s Heun sampler): training rarely sees s near 0,
+            # and a correction evaluated there cost all success on Push-T (0/200 at 2 steps, see
+            # docs/research/flow.md)
             ds = sigmas[i + 1] - sigmas[i]
-            predicted = sample + ds * v
-            sample = sample + ds * 0.5 * (v + velocity(predicted, sigmas[i + 1] * T))
+            sample_next = sample + ds * v
+            if sigmas[i + 1] > 0:
+                sample_next = sample + ds * 0.5 * (v + velocity(sample_next, sigmas[i + 1] * T))
+            sample = sample_next
         if cond_mask is not None:
             sample = torch.where(cond_mask, cond_traj, sample)
         clip = self.cfg.scheduler.clip_sample
