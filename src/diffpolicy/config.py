@@ -159,10 +159,12 @@ class FlowConfig:
     equal steps in s.
     """
 
-    # Which noise levels s training sees: beta (pi0's: s = 1 - s_max + s_max u, u ~ Beta(beta_alpha, 1),
-    # more weight on the noisy end where few-step sampling starts) | uniform | logit_normal (SD3's:
-    # s = sigmoid(logit_normal_mean + logit_normal_std * z), more weight on the middle)
-    time_sampling: str = "beta"
+    # Which noise levels s training sees: uniform (rectified flow's) | beta (pi0's: s = 1 - s_max + s_max u,
+    # u ~ Beta(beta_alpha, 1), more weight on the noisy end) | logit_normal (SD3's: s = sigmoid(
+    # logit_normal_mean + logit_normal_std * z), more weight on the middle). Uniform is the default because
+    # it measured best: Push-T state, 10,000 steps, Euler 4, 200 episodes: 0.725 against beta's 0.505
+    # (docs/research/flow.md).
+    time_sampling: str = "uniform"
     beta_alpha: float = 1.5
     s_max: float = 0.999
     logit_normal_mean: float = 0.0
