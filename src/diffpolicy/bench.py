@@ -35,7 +35,7 @@ from diffpolicy.training.optim import make_optimizer
 from diffpolicy.training.trainer import make_dataset, resolve_device, to_device
 
 DEFAULT_SAMPLERS = (("ddpm", 100), ("ddim", 10))
-FLOW_SAMPLERS = (("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2))  # a FlowPolicy's default rows
+FLOW_BENCH_SAMPLERS = (("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2))  # a FlowPolicy's default rows
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +165,7 @@ def bench_preset(
     row["precision"], row["compile"] = cfg.eval.precision, cfg.eval.compile or "no"
     obs1 = synthetic_obs(shape_meta, 1, p.n_obs_steps, device)
     if samplers is None:
-        samplers = FLOW_SAMPLERS if p.objective == "flow" else DEFAULT_SAMPLERS
+        samplers = FLOW_BENCH_SAMPLERS if p.objective == "flow" else DEFAULT_SAMPLERS
     for sampler, steps in samplers if hasattr(policy, "set_sampler") else (("regression", 1),):
         if hasattr(policy, "set_sampler"):
             policy.set_sampler(sampler, steps)
