@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+
+def prepare_headless_gl() -> None:
+    """Call before importing mujoco in a task that renders: headless OpenGL through EGL by default.
+
+    MUJOCO_GL=egl (Mesa's libEGL, installed by scripts/headless-gl.sh; a user's own MUJOCO_GL wins).
+    Mesa's software renderer and triton (pulled in by torch.compile / diffusers) each load their own LLVM;
+    loading triton after Mesa's crashes the process (a segfault on `import diffusers` after a first
+    render), while the other order works, so triton is loaded first where it is installed.
+    """
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
+        os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+        if importlib.util.find_spec("triton") is not None:
+            import triton  # noqa: F401
 
 
 @dataclass
