@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 
 from diffpolicy.checkpoint import load_training_state
+from diffpolicy.config import ConfigError
 from diffpolicy.policy import load_policy
 from diffpolicy.training.trainer import EpochBatchSampler, ResumeMismatch, Trainer, TrainingDiverged
 
@@ -112,6 +113,30 @@ def test_resume_continues_exactly(tmp_path, traj_store, net):
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
     assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+
+
+def test_pause_at_a_step_or_a_time_budget_then_resume_exactly(tmp_path, traj_store):
+    """train.stop_at_step / train.max_minutes pause the run (checkpoint, no final evaluation, not
+    finished); the same command without them resumes and ends with the weights of an unpaused run."""
+    cfg = make_cfg(traj_store)
+    Trainer(cfg, tmp_path / "straight").fit()
+    paused = Trainer(make_cfg(traj_store, "train.stop_at_step=10"), tmp_path / "paused").fit()
+    assert paused == {"paused_at_step": 10}
+    state = load_training_state(tmp_path / "paused" / "checkpoints" / "latest")
+    assert state["step"] == 10 and not (tmp_path / "paused" / "eval").exists()
+    assert "paused at step 10 of 24" in (tmp_path / "paused" / "train.log").read_text()
+    # a time budget already spent pauses at the next step
+    again = Trainer(make_cfg(traj_store, "train.max_minutes=1e-6"), tmp_path / "paused").fit()
+    assert again == {"paused_at_step": 11}
+    report = Trainer(cfg, tmp_path / "paused").fit()
+    assert report["n_episodes"] == 2
+    a = load_training_state(tmp_path / "straight" / "checkpoints" / "latest")
+    b = load_training_state(tmp_path / "paused" / "checkpoints" / "latest")
+    assert a["step"] == b["step"] == 24
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+    with pytest.raises(ConfigError, match="train.max_minutes"):
+        make_cfg(traj_store, "train.max_minutes=-1")
 
 
 def test_killed_process_resumes_from_latest(tmp_path, traj_store):

@@ -336,6 +336,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict, out: Path) -> None:
+    if "paused_at_step" in report:
+        print(
+            f"paused at step {report['paused_at_step']} (train.stop_at_step / train.max_minutes): "
+            f"checkpoint in {out.parent / 'checkpoints' / 'latest'}; run the same command again to resume"
+        )
+        return
     if report["n_episodes"] == 0:
         print("no final evaluation (eval.n_episodes=0)")
         return

@@ -227,6 +227,12 @@ class TrainConfig:
     # reported on. Both ranges stay above the collection seeds.
     eval_seed: int = 200_000
     checkpoint_every: int = 1000
+    # Pausing (0: off). The run saves `latest` and exits without its final evaluation once it has done
+    # stop_at_step steps, or once its training time (summed over resumes, as metrics.jsonl's elapsed_min)
+    # reaches max_minutes; running the same command again resumes it. The LR schedule still runs to
+    # num_steps: these split a run into sessions or compare runs at a step, they do not shorten it.
+    stop_at_step: int = 0
+    max_minutes: float = 0.0
     top_k: int = 3
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -424,6 +430,8 @@ _NUMERIC_RULES: tuple[tuple[str, Any, str], ...] = (
     ("train.eval_seed", _non_negative, ">= 0"),
     ("train.checkpoint_every", _non_negative, ">= 0 (0: only the final checkpoint)"),
     ("train.top_k", _non_negative, ">= 0"),
+    ("train.stop_at_step", _non_negative, ">= 0 (0: off)"),
+    ("train.max_minutes", _non_negative, ">= 0 (0: off)"),
     ("train.num_workers", _non_negative, ">= 0"),
     ("train.seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("eval.seed", _non_negative, ">= 0"),

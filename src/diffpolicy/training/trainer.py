@@ -201,6 +201,8 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.val_every",
     "train.checkpoint_every",
+    "train.stop_at_step",
+    "train.max_minutes",
     "train.log_every",
     "train.num_workers",
     "eval.",
@@ -603,7 +605,9 @@ class Trainer:
                 # resumed run would draw different noise than the run it continues
                 generator=torch.Generator().manual_seed(tc.seed),
             )
-            self._train_loop(start, iter(loader))
+            paused_at = self._train_loop(start, iter(loader))
+            if paused_at is not None:
+                return {"paused_at_step": paused_at}
             return self._finish()
         finally:
             if hasattr(self, "writer"):
@@ -615,7 +619,22 @@ class Trainer:
             if lock is not None:
                 lock.release()
 
-    def _train_loop(self, start: int, batches: Iterator) -> None:
+    def _should_pause(self, done: int) -> bool:
+        """train.stop_at_step / train.max_minutes reached (never at the last step: that one finishes).
+        Under DDP rank 0's clock decides for every rank."""
+        tc = self.cfg.train
+        if done >= tc.num_steps:
+            return False
+        pause = bool(tc.stop_at_step and done >= tc.stop_at_step)
+        if tc.max_minutes:
+            late = torch.tensor(float(self.elapsed_s() >= 60 * tc.max_minutes), device=self.device)
+            if self.world_size > 1:
+                dist.broadcast(late, src=0)
+            pause = pause or bool(late.item())
+        return pause
+
+    def _train_loop(self, start: int, batches: Iterator) -> int | None:
+        """Train from step `start`; returns the step it paused at, or None when it reached num_steps."""
         tc = self.cfg.train
         params = [p for p in self.policy.parameters() if p.requires_grad]
         autocast = tc.mixed_precision == "bf16"
@@ -659,7 +678,11 @@ class Trainer:
             done = step + 1
             self._after_optimizer_step(done)
             bar.update(1)
+            pause = bool(tc.stop_at_step or tc.max_minutes) and self._should_pause(done)
             if not self.is_main:
+                if pause:
+                    bar.close()
+                    return done
                 continue  # logging, validation, evaluation and checkpoints belong to rank 0
             if done % tc.log_every == 0 or done == tc.num_steps:
                 now = time.perf_counter()
@@ -696,7 +719,22 @@ class Trainer:
                 self.policy.train()
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 self.save_latest(done)
+            if pause:
+                if not (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+                    self.save_latest(done)
+                log.info(
+                    "paused at step %d of %d after %.1f training minutes (train.stop_at_step=%d, "
+                    "train.max_minutes=%g); run the same command again to resume",
+                    done,
+                    tc.num_steps,
+                    self.elapsed_s() / 60,
+                    tc.stop_at_step,
+                    tc.max_minutes,
+                )
+                bar.close()
+                return done
         bar.close()
+        return None
 
     def _after_optimizer_step(self, step: int) -> None:
         """Runs after every optimizer step (`step` = steps done): the EMA of the weights."""
