@@ -46,7 +46,12 @@ class PointMazeTaskEnv(gym.Wrapper):
     """The gymnasium-robotics PointMaze env with this task's observation dict and `info["is_success"]`."""
 
     def __init__(
-        self, maze: str = "medium", obs_type: str = "state", image_size: int = 96, render: bool = False
+        self,
+        maze: str = "medium",
+        obs_type: str = "state",
+        image_size: int = 96,
+        render: bool = False,
+        render_size: int = 256,
     ) -> None:
         _register()
         if maze not in MAZES:
@@ -58,8 +63,8 @@ class PointMazeTaskEnv(gym.Wrapper):
             MAZES[maze],
             continuing_task=False,
             render_mode="rgb_array" if needs_pixels else None,
-            width=image_size,
-            height=image_size,
+            width=image_size if obs_type == "image" else render_size,  # videos of state runs: larger
+            height=image_size if obs_type == "image" else render_size,
         )
         super().__init__(env)
         self.obs_type = obs_type
