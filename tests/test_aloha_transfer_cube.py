@@ -48,7 +48,8 @@ def needs_renderer() -> None:
 def test_observations_match_shape_meta(obs_type):
     if obs_type == "image":
         needs_renderer()
-    task = make_task("aloha_transfer_cube", obs_type=obs_type, image_shape=[48, 64])
+    cameras = ["top", "left_wrist"]  # more than one camera: one key each
+    task = make_task("aloha_transfer_cube", obs_type=obs_type, image_shape=[48, 64], cameras=cameras)
     meta = task.shape_meta()
     assert meta["action"]["shape"] == [14]
     env = task.make_env()

@@ -66,7 +66,7 @@ MAX_EPISODE_STEPS = 400  # 8 s at 50 Hz, as ACT's and LeRobot's transfer-cube ep
 SUCCESS_REWARD = 4
 ACTION_DIM = 14
 CUBE_JOINT = "red_box_joint"
-CAMERAS = ("top", "angle", "front_close", "left_pillar", "right_pillar")
+CAMERAS = ("top", "angle", "front_close", "left_pillar", "right_pillar", "left_wrist", "right_wrist")
 # The mocap weld's torque scale for the expert's end-effector scene (gym-aloha's XML leaves MuJoCo's 1).
 WELD_TORQUESCALE = 10.0
 # ACT's initial mocap poses (x, y, z, qw, qx, qy, qz): the gripper links' positions at START_ARM_POSE.
