@@ -62,6 +62,8 @@ ROT_SCALE = 0.5  # radians per unit of action
 LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 OBJECT_KEY = "object"  # robomimic's name for robosuite's "object-state"
 OBS_TYPES = ("state", "image")
+# "fast": no multisampling, shadows or reflections (4x cheaper on CPU); "full": robosuite's own rendering
+RENDER_QUALITIES = ("fast", "full")
 # The gripper pointing straight down with its x axis along the world's x axis (the Panda's home pose,
 # up to the initial joint noise); columns are the gripper's axes in the world frame.
 _DOWN = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
@@ -93,6 +95,24 @@ def _make_suite_env(cameras: bool, offscreen: bool, seed: int = 0) -> Any:
     )
 
 
+def _fast_rendering(sim: Any) -> None:
+    """Render without multisampling, shadows and reflections: 4x cheaper on a CPU (Mesa's llvmpipe).
+
+    Measured here, two 84x84 cameras cost ~95 ms of CPU per step with robosuite's defaults (4x MSAA,
+    shadows, a reflective table) and ~23 ms without; the scene is otherwise the same (no anti-aliasing, no
+    shadows). MuJoCo reads the sample count when its render context is made, so that is remade in place.
+    """
+    import mujoco
+
+    ctx = sim._render_context_offscreen
+    sim.model._model.vis.quality.offsamples = 0
+    ctx.gl_ctx.make_current()
+    ctx.con.free()
+    ctx._set_mujoco_context_and_buffers()
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+
 class LiftEnv(gym.Env):
     """robosuite Lift as a gymnasium env with dict observations in robomimic's keys (float32 / uint8).
 
@@ -100,20 +120,33 @@ class LiftEnv(gym.Env):
     cameras (84, 84, 3) uint8 and the three robot keys. `reset(seed=...)` re-seeds robosuite's generator,
     so a seed always gives the same cube placement and joint noise. Reward is 1 on success, else 0;
     success terminates. `render()` returns a render_size x render_size RGB frame from the agentview camera.
+    render_quality "fast" (default) drops multisampling, shadows and reflections from every rendered image,
+    cameras included; "full" keeps robosuite's rendering (use it to compare with robomimic's recordings).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_FREQ}
 
-    def __init__(self, obs_type: str = "state", render: bool = False, render_size: int = 256) -> None:
+    def __init__(
+        self,
+        obs_type: str = "state",
+        render: bool = False,
+        render_size: int = 256,
+        render_quality: str = "fast",
+    ) -> None:
         if obs_type not in OBS_TYPES:
             raise ValueError(f"unknown obs_type '{obs_type}'; expected one of {OBS_TYPES}")
         if render_size < 16:
             raise ValueError(f"render_size must be >= 16, got {render_size}")
+        if render_quality not in RENDER_QUALITIES:
+            raise ValueError(f"unknown render_quality '{render_quality}'; expected one of {RENDER_QUALITIES}")
         self.obs_type = obs_type
         self.render_enabled = render
         self.render_size = render_size
         self.render_mode = "rgb_array" if render else None
+        self.render_quality = render_quality
         self.suite_env = _make_suite_env(cameras=obs_type == "image", offscreen=render)
+        if render_quality == "fast" and self.suite_env.sim._render_context_offscreen is not None:
+            _fast_rendering(self.suite_env.sim)
         spaces: dict[str, gym.spaces.Space] = {
             "robot0_eef_pos": gym.spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32),
             "robot0_eef_quat": gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32),
@@ -300,6 +333,7 @@ class LiftTask(Task):
         render_size: int = 256,
         max_episode_steps: int = MAX_EPISODE_STEPS,
         vector_mode: str = "async",
+        render_quality: str = "fast",
     ) -> None:
         if obs_type not in OBS_TYPES:
             raise ValueError(f"unknown obs_type '{obs_type}'; expected one of {OBS_TYPES}")
@@ -307,8 +341,11 @@ class LiftTask(Task):
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if vector_mode not in ("sync", "async"):
             raise ValueError(f"vector_mode must be 'sync' or 'async', got '{vector_mode}'")
+        if render_quality not in RENDER_QUALITIES:
+            raise ValueError(f"unknown render_quality '{render_quality}'; expected one of {RENDER_QUALITIES}")
         self.obs_type = obs_type
         self.render_size = render_size
+        self.render_quality = render_quality
         self.max_episode_steps = max_episode_steps
         # A step costs ~0.1 CPU-second: evaluation envs are worth a process each where cores are free;
         # "sync" keeps evaluation in one process (a busy machine, CI).
@@ -328,7 +365,9 @@ class LiftTask(Task):
 
     def make_env(self, render: bool = False) -> gym.Env:
         """A LiftEnv under a TimeLimit; render=True adds an offscreen renderer for video frames."""
-        env = LiftEnv(self.obs_type, render=render, render_size=self.render_size)
+        env = LiftEnv(
+            self.obs_type, render=render, render_size=self.render_size, render_quality=self.render_quality
+        )
         return gym.wrappers.TimeLimit(env, max_episode_steps=self.max_episode_steps)
 
     def collect_episode(self, seed: int) -> tuple[dict[str, np.ndarray], bool]:
@@ -337,7 +376,7 @@ class LiftTask(Task):
         Besides the observation keys, `object` (cube pose) is stored in both variants and `cube_height`
         (cube centre above the table, m) for analysis.
         """
-        env = LiftEnv(self.obs_type)
+        env = LiftEnv(self.obs_type, render_quality=self.render_quality)
         try:
             expert = LiftExpert(seed)
             obs, _ = env.reset(seed=seed)
