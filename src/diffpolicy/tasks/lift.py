@@ -27,6 +27,7 @@ where missing); set MUJOCO_GL=osmesa before importing this module to use OSMesa 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -34,7 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Headless OpenGL before mujoco loads: EGL by default (a user's MUJOCO_GL wins). Mesa's software renderer
+# and triton (which torch / diffusers import) each load their own LLVM, and loading triton after Mesa has
+# rendered segfaults the process (seen here: `import diffusers` after a first render), while the other
+# order works; so triton is loaded first where it is installed.
 os.environ.setdefault("MUJOCO_GL", "egl")
+if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
