@@ -65,7 +65,7 @@ logging.getLogger("robosuite_logs").setLevel(logging.ERROR)  # per-make notes ab
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 IMAGE_SIZE = 84
 CONTROL_FREQ = 20  # Hz, robomimic's Lift
-MAX_EPISODE_STEPS = 200  # the expert needs ~60-100; a policy gets twice that
+MAX_EPISODE_STEPS = 200  # the expert needs 37-50 steps; a policy gets four times that
 POS_SCALE = 0.05  # metres per unit of action (OSC_POSE output_max)
 ROT_SCALE = 0.5  # radians per unit of action
 LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
@@ -82,8 +82,8 @@ def _make_suite_env(cameras: bool, offscreen: bool, seed: int = 0) -> Any:
     """robosuite's Lift with the Panda under OSC_POSE; `cameras` adds the two 84x84 camera observations.
 
     hard_reset=False: a reset only re-samples the initial state (cube placement and joint noise) instead of
-    rebuilding the model and renderer, which costs ~0.1 s; the cube's size (20-22 mm half-width) is drawn
-    once, at construction, from `seed`.
+    recompiling the model and remaking the renderer each time; the cube's size (20-22 mm half-width) is
+    drawn once, at construction, from `seed`.
     """
     controller = load_composite_controller_config(controller="BASIC", robot="Panda")
     return robosuite.make(
@@ -108,7 +108,7 @@ def _fast_rendering(sim: Any) -> None:
     """Render without multisampling, shadows and reflections: 4x cheaper on a CPU (Mesa's llvmpipe).
 
     Measured here, two 84x84 cameras cost ~95 ms of CPU per step with robosuite's defaults (4x MSAA,
-    shadows, a reflective table) and ~23 ms without; the scene is otherwise the same (no anti-aliasing, no
+    shadows, a reflective table) and ~23-27 ms without; the scene is otherwise the same (no anti-aliasing, no
     shadows). MuJoCo reads the sample count when its render context is made, so that is remade in place.
     """
     import mujoco
