@@ -28,25 +28,15 @@ cube, 0/50); multiplying the weld's torque scale by 10 fixes it (50/50, see docs
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from diffpolicy.tasks.base import Rollout, Task
+from diffpolicy.tasks.base import Rollout, Task, prepare_headless_gl
 
-# MuJoCo picks its GL backend at import time; EGL renders without a display (Mesa's libEGL, see
-# scripts/headless-gl.sh). Only set it when the user has not chosen a backend.
-os.environ.setdefault("MUJOCO_GL", "egl")
-# dm_control loads the GL libraries (Mesa's, with its own LLVM) at import, process-wide. triton (imported by
-# torch._dynamo, which diffusers imports) bundles another LLVM and segfaults when it is loaded after Mesa's
-# (triton 3.8, Mesa on LLVM 15); the other order works. Load it first, so that a process which imports
-# this task before the policy code (a test, a notebook, `diffpolicy collect` then training) survives.
-if importlib.util.find_spec("triton") is not None:
-    import triton  # noqa: E402, F401
+prepare_headless_gl()  # before dm_control loads MuJoCo's GL (EGL by default; triton first)
 
 from dm_control import mujoco as dm_mujoco  # noqa: E402
 from gym_aloha.constants import (  # noqa: E402

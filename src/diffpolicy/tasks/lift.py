@@ -27,29 +27,19 @@ where missing); set MUJOCO_GL=osmesa before importing this module to use OSMesa 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Headless OpenGL before mujoco loads: EGL by default (a user's MUJOCO_GL wins). Mesa's software renderer
-# and triton (which torch / diffusers import) each load their own LLVM, and loading triton after Mesa has
-# rendered segfaults the process (seen here: `import diffusers` after a first render), while the other
-# order works; so triton is loaded first where it is installed.
-os.environ.setdefault("MUJOCO_GL", "egl")
-if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
-    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
-    if importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401
+import gymnasium as gym
+import numpy as np
+from scipy.spatial.transform import Rotation
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.spatial.transform import Rotation  # noqa: E402
+from diffpolicy.tasks.base import Rollout, Task, prepare_headless_gl
 
-from diffpolicy.tasks.base import Rollout, Task  # noqa: E402
+prepare_headless_gl()  # before robosuite loads MuJoCo's GL (EGL by default; triton first)
 
 # robosuite logs warnings at import about optional packages Lift never uses (mink, robosuite_models,
 # a private macro file): keep them off the console while importing it.
