@@ -32,6 +32,21 @@ TINY = [
 ]
 
 
+# The train / evaluate settings of a task's tiny collect -> train -> eval cycle (tests/test_<task>.py): every
+# stage runs, on 2 episodes and a few steps; each task test adds its network and step counts.
+TASK_CYCLE = [
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.val_every=0",
+    "train.eval_every=0",
+    "train.num_workers=0",
+    "eval.n_episodes=2",
+    "eval.n_envs=2",
+    "eval.n_videos=1",
+]
+
+
 def tiny_config(*overrides: str, preset: str = "trajectory2d_lowdim_unet") -> RunConfig:
     return load_config(preset, TINY + list(overrides))
 

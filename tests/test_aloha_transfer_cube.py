@@ -13,6 +13,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports MuJoCo (hea
 pytest.importorskip("gym_aloha")
 pytest.importorskip("dm_control")
 
+from conftest import TASK_CYCLE  # noqa: E402
+
 from diffpolicy.cli import main  # noqa: E402
 from diffpolicy.data.episodes import EpisodeStore  # noqa: E402
 from diffpolicy.tasks import make_task  # noqa: E402
@@ -135,24 +137,16 @@ def test_bad_input_is_refused():
 
 
 TINY_NET = [
+    *TASK_CYCLE,
     "policy.horizon=8",
     "policy.n_action_steps=4",
     "policy.unet.down_dims=[16,32]",
     "policy.unet.n_groups=4",
     "policy.unet.diffusion_step_embed_dim=16",
     "policy.scheduler.num_inference_steps=2",
-    "train.batch_size=8",
     "train.num_steps=4",
-    "train.warmup_steps=2",
-    "train.log_every=2",
-    "train.val_every=0",
-    "train.eval_every=0",
     "train.checkpoint_every=2",
-    "train.num_workers=0",
-    "eval.n_episodes=2",
-    "eval.n_envs=2",
     "eval.max_steps=12",
-    "eval.n_videos=1",
 ]
 
 

@@ -14,6 +14,8 @@ pytest.importorskip(
     reason="robosuite is not installed: pip install -e '.[lift]' && pip install --no-deps robosuite==1.5.2",
 )
 
+from conftest import TASK_CYCLE  # noqa: E402
+
 from diffpolicy.cli import main  # noqa: E402
 from diffpolicy.data.episodes import EpisodeStore  # noqa: E402
 from diffpolicy.tasks import make_task  # noqa: E402
@@ -143,19 +145,11 @@ def test_expert_config_is_sampled_per_seed():
 
 
 TINY = [
+    *TASK_CYCLE,
     "policy.scheduler.num_inference_steps=4",
-    "train.batch_size=8",
     "train.num_steps=6",
-    "train.warmup_steps=2",
-    "train.log_every=2",
-    "train.val_every=0",
-    "train.eval_every=0",
     "train.checkpoint_every=3",
-    "train.num_workers=0",
-    "eval.n_episodes=2",
-    "eval.n_envs=2",
     "eval.max_steps=16",
-    "eval.n_videos=1",
     "task.kwargs.vector_mode=sync",
 ]
 

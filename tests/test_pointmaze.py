@@ -9,30 +9,24 @@ import pytest
 
 pytest.importorskip("gymnasium_robotics", reason="the pointmaze task needs the [pointmaze] extra")
 
+from conftest import TASK_CYCLE  # noqa: E402
+
 from diffpolicy.cli import main  # noqa: E402
 from diffpolicy.data.episodes import EpisodeStore  # noqa: E402
 from diffpolicy.tasks import make_task  # noqa: E402
 from diffpolicy.tasks.pointmaze import cell_path  # noqa: E402
 
 TINY = [
+    *TASK_CYCLE,
     "policy.horizon=8",
     "policy.n_action_steps=4",
     "policy.unet.down_dims=[16,32]",
     "policy.unet.n_groups=4",
     "policy.unet.diffusion_step_embed_dim=16",
     "policy.scheduler.num_inference_steps=2",
-    "train.batch_size=8",
     "train.num_steps=6",
-    "train.warmup_steps=2",
-    "train.log_every=2",
-    "train.val_every=0",
-    "train.eval_every=0",
     "train.checkpoint_every=3",
-    "train.num_workers=0",
-    "eval.n_episodes=2",
-    "eval.n_envs=2",
     "eval.max_steps=20",
-    "eval.n_videos=1",
 ]
 
 
