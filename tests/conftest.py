@@ -46,6 +46,16 @@ TASK_CYCLE = [
     "eval.n_videos=1",
 ]
 
+# A tiny U-Net with short chunks, for the task cycles whose presets use the U-Net.
+TASK_CYCLE_UNET = [
+    "policy.horizon=8",
+    "policy.n_action_steps=4",
+    "policy.unet.down_dims=[16,32]",
+    "policy.unet.n_groups=4",
+    "policy.unet.diffusion_step_embed_dim=16",
+    "policy.scheduler.num_inference_steps=2",
+]
+
 
 def tiny_config(*overrides: str, preset: str = "trajectory2d_lowdim_unet") -> RunConfig:
     return load_config(preset, TINY + list(overrides))

@@ -13,7 +13,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports MuJoCo (hea
 pytest.importorskip("gym_aloha")
 pytest.importorskip("dm_control")
 
-from conftest import TASK_CYCLE  # noqa: E402
+from conftest import TASK_CYCLE, TASK_CYCLE_UNET  # noqa: E402
 
 from diffpolicy.cli import main  # noqa: E402
 from diffpolicy.data.episodes import EpisodeStore  # noqa: E402
@@ -138,12 +138,7 @@ def test_bad_input_is_refused():
 
 TINY_NET = [
     *TASK_CYCLE,
-    "policy.horizon=8",
-    "policy.n_action_steps=4",
-    "policy.unet.down_dims=[16,32]",
-    "policy.unet.n_groups=4",
-    "policy.unet.diffusion_step_embed_dim=16",
-    "policy.scheduler.num_inference_steps=2",
+    *TASK_CYCLE_UNET,
     "train.num_steps=4",
     "train.checkpoint_every=2",
     "eval.max_steps=12",

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("gymnasium_robotics", reason="the pointmaze task needs the [pointmaze] extra")
 
-from conftest import TASK_CYCLE  # noqa: E402
+from conftest import TASK_CYCLE, TASK_CYCLE_UNET  # noqa: E402
 
 from diffpolicy.cli import main  # noqa: E402
 from diffpolicy.data.episodes import EpisodeStore  # noqa: E402
@@ -18,12 +18,7 @@ from diffpolicy.tasks.pointmaze import cell_path  # noqa: E402
 
 TINY = [
     *TASK_CYCLE,
-    "policy.horizon=8",
-    "policy.n_action_steps=4",
-    "policy.unet.down_dims=[16,32]",
-    "policy.unet.n_groups=4",
-    "policy.unet.diffusion_step_embed_dim=16",
-    "policy.scheduler.num_inference_steps=2",
+    *TASK_CYCLE_UNET,
     "train.num_steps=6",
     "train.checkpoint_every=3",
     "eval.max_steps=20",
