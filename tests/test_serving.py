@@ -14,8 +14,9 @@ from conftest import tiny_config
 
 from diffpolicy.config import EvalConfig
 from diffpolicy.control import RecedingHorizonController
+from diffpolicy.data.normalize import Normalizer
 from diffpolicy.evaluation import run_rollouts
-from diffpolicy.policy import load_policy
+from diffpolicy.policy import load_policy, make_policy
 from diffpolicy.serving.client import PolicyClient, PolicyServerError, RemotePolicy
 from diffpolicy.serving.server import ObservationMismatch, PolicyServer
 from diffpolicy.serving.wire import WireError, decode, encode
@@ -190,3 +191,35 @@ def test_cli_eval_remote_matches_local(served, checkpoint, tmp_path, capsys):
     assert "mean latency (ms): queue_ms" in capsys.readouterr().out
     local, remote = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("local", "remote"))
     assert local["episodes"] == remote["episodes"] and local["mean_max_reward"] == remote["mean_max_reward"]
+
+
+def test_image_policy_chunks_equal_through_server():
+    """A bf16 compact-CNN image policy gives bit-identical chunks locally and through the server: camera
+    frames reach the policy C-contiguous on both paths (bf16 convolutions round differently per layout)."""
+
+    cfg = tiny_config("policy.vision.backbone=compact", preset="pusht_image_unet_cpu")
+    assert cfg.policy.vision.precision == "bf16"
+    cfg.policy.vision.crop_shape = [84, 84]  # at 32x32 the two layouts happened to round alike
+    meta = {
+        "obs": {
+            "image": {"shape": [3, 96, 96], "type": "rgb"},
+            "agent_pos": {"shape": [2], "type": "low_dim"},
+        },
+        "action": {"shape": [2]},
+    }
+    policy = make_policy(cfg.policy, meta).eval()
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "agent_pos": torch.rand(100, 2, generator=g) * 512,
+        "action": torch.rand(100, 2, generator=g) * 512,
+    }
+    kinds = {"image": "image", "agent_pos": "minmax", "action": "minmax"}
+    policy.normalizer.load_state_dict(Normalizer.fit(data, kinds).state_dict())
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8) for _ in range(6)]  # (N, H, W, C)
+    local = RecedingHorizonController(policy, generator=torch.Generator().manual_seed(3))
+    with PolicyServer(policy, batch_window_ms=5) as server, PolicyClient(server.address, timeout=20) as c:
+        remote = RecedingHorizonController(RemotePolicy(c), generator=torch.Generator().manual_seed(3))
+        for i, frame in enumerate(frames):
+            obs = {"image": frame, "agent_pos": np.full((2, 2), 10.0 * i, dtype=np.float32)}
+            np.testing.assert_array_equal(local.act(obs), remote.act(obs))

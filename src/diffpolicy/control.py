@@ -118,13 +118,17 @@ class RecedingHorizonController:
         else:
             self.history.append(frame)
 
-    def _predict(self) -> np.ndarray:
+    def _window(self) -> dict[str, torch.Tensor]:
+        """The observation window {key: (N, n_obs_steps, ...)} on the policy's device, C-contiguous: camera
+        frames arrive channels-last-strided from prepare_obs, and bf16 convolutions round differently per
+        memory layout, so a contiguous window makes local rollouts equal to served ones (which arrive
+        contiguous over the wire) bit for bit."""
         device = self.policy.device
-        window = {
-            k: torch.from_numpy(np.stack([h[k] for h in self.history], axis=1)).to(device)
-            for k in self.obs_meta
-        }
-        out = self.policy.predict_action(window, generator=self.generator)
+        stacked = {k: np.stack([h[k] for h in self.history], axis=1) for k in self.obs_meta}
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in stacked.items()}
+
+    def _predict(self) -> np.ndarray:
+        out = self.policy.predict_action(self._window(), generator=self.generator)
         start = self.n_obs_steps - 1
         return out["action_pred"][:, start:].float().cpu().numpy()
 
@@ -284,13 +288,9 @@ class AsyncChunkController(RecedingHorizonController):
         weights = np.zeros(self.policy.horizon, dtype=np.float32)
         weights[to:] = rtc_weights(self.executable, min(self.delay, overlap), overlap)
         device = self.policy.device
-        window = {
-            k: torch.from_numpy(np.stack([h[k] for h in self.history], axis=1)).to(device)
-            for k in self.obs_meta
-        }
         out = guided_chunk(
             self.policy,
-            window,
+            self._window(),
             torch.from_numpy(target).to(device),
             torch.from_numpy(weights),
             self.generator,
