@@ -270,6 +270,9 @@ def test_finished_runs_are_never_overwritten_or_relabelled(tmp_path, traj_store)
     aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and tree_digest(aside[0] / "checkpoints") == before
     assert load_training_state(run / "checkpoints" / "latest")["step"] == 8
+    # the new run logs into the run folder, not into the log that moved aside
+    assert "moved the previous run's outputs" in (run / "train.log").read_text()
+    assert "moved the previous run's outputs" not in (aside[0] / "train.log").read_text()
     # a finished run may be extended (num_steps is one of the keys that may change)
     Trainer(make_cfg(traj_store, "train.num_steps=12"), run).fit()
     assert load_training_state(run / "checkpoints" / "latest")["step"] == 12

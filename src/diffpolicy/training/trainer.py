@@ -370,6 +370,11 @@ class Trainer:
         aside.mkdir()
         for entry in old:
             os.replace(entry, aside / entry.name)
+        # The open train.log moved with the old run: reopen it in the run folder, or this run would log
+        # into the replaced one.
+        log.removeHandler(self._log_handler)
+        self._log_handler.close()
+        self._setup_logging()
         log.warning("--overwrite: moved the previous run's outputs to %s", aside)
 
     def _build_data(self) -> None:
