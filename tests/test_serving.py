@@ -194,9 +194,9 @@ def test_cli_eval_remote_matches_local(served, checkpoint, tmp_path, capsys):
 
 
 def test_image_policy_chunks_equal_through_server():
-    """A bf16 compact-CNN image policy gives bit-identical chunks locally and through the server: camera
-    frames reach the policy C-contiguous on both paths (bf16 convolutions round differently per layout)."""
-
+    """A bf16 compact-CNN image policy gives bit-identical chunks locally (channels-last-strided frames from
+    the controller) and through the server (contiguous off the wire): the policy's actions do not depend on
+    the memory layout of its inputs (bf16 convolutions round differently per layout)."""
     cfg = tiny_config("policy.vision.backbone=compact", preset="pusht_image_unet_cpu")
     assert cfg.policy.vision.precision == "bf16"
     cfg.policy.vision.crop_shape = [84, 84]  # at 32x32 the two layouts happened to round alike

@@ -119,13 +119,12 @@ class RecedingHorizonController:
             self.history.append(frame)
 
     def _window(self) -> dict[str, torch.Tensor]:
-        """The observation window {key: (N, n_obs_steps, ...)} on the policy's device, C-contiguous: camera
-        frames arrive channels-last-strided from prepare_obs, and bf16 convolutions round differently per
-        memory layout, so a contiguous window makes local rollouts equal to served ones (which arrive
-        contiguous over the wire) bit for bit."""
+        """The observation window {key: (N, n_obs_steps, ...)} on the policy's device."""
         device = self.policy.device
-        stacked = {k: np.stack([h[k] for h in self.history], axis=1) for k in self.obs_meta}
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in stacked.items()}
+        return {
+            k: torch.from_numpy(np.stack([h[k] for h in self.history], axis=1)).to(device)
+            for k in self.obs_meta
+        }
 
     def _predict(self) -> np.ndarray:
         out = self.policy.predict_action(self._window(), generator=self.generator)

@@ -195,7 +195,9 @@ class BasePolicy(nn.Module):
             x = x[:, -self.n_obs_steps :]  # the most recent To steps
             if self.shape_meta["obs"][key].get("type", "low_dim") == "low_dim":
                 x = x.reshape(*x.shape[:2], -1)  # multi-dimensional low-dim keys become flat features
-            window[key] = x
+            # contiguous: bf16 convolutions round differently per memory layout, and a policy's actions
+            # must not depend on how the caller laid out its arrays (channels-last frames, a served copy)
+            window[key] = x.contiguous()
         return self.obs_encoder(self.normalizer.normalize_obs(window))
 
     def check_inputs(self, obs: dict[str, Any]) -> None:
