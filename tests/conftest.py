@@ -61,6 +61,32 @@ def tiny_config(*overrides: str, preset: str = "trajectory2d_lowdim_unet") -> Ru
     return load_config(preset, TINY + list(overrides))
 
 
+def tiny_image_policy(*overrides: str, size: int = 32, crop: int = 28) -> torch.nn.Module:
+    """A compact-CNN Push-T-like image policy (size x size camera + 2-D agent_pos, 2-D action) with a fitted
+    normalizer and random weights: for tests of code around an image policy (export, serving)."""
+    from diffpolicy.data.normalize import Normalizer
+    from diffpolicy.policy import make_policy
+
+    cfg = tiny_config("policy.vision.backbone=compact", *overrides, preset="pusht_image_unet_cpu")
+    cfg.policy.vision.crop_shape = [crop, crop]
+    meta = {
+        "obs": {
+            "image": {"shape": [3, size, size], "type": "rgb"},
+            "agent_pos": {"shape": [2], "type": "low_dim"},
+        },
+        "action": {"shape": [2]},
+    }
+    policy = make_policy(cfg.policy, meta).eval()
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "agent_pos": torch.rand(100, 2, generator=g) * 512,
+        "action": torch.rand(100, 2, generator=g) * 512,
+    }
+    kinds = {"image": "image", "agent_pos": "minmax", "action": "minmax"}
+    policy.normalizer.load_state_dict(Normalizer.fit(data, kinds).state_dict())
+    return policy
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)  # keeps the suite's timing stable on the 2-core CI machine

@@ -2,14 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_image_policy
 from test_policy import batch, build
 
 from diffpolicy.checkpoint import save_checkpoint
 from diffpolicy.cli import main
 from diffpolicy.control import RecedingHorizonController
-from diffpolicy.data.normalize import Normalizer
-from diffpolicy.policy import make_policy
 from diffpolicy.serving.export import ExportedPolicy, example_obs, export_policy
 
 TOLERANCE = 1e-5  # absolute, on actions in environment units (measured: 0.0, bit-identical on CPU)
@@ -46,27 +44,9 @@ def test_low_dim_export_matches_pytorch(tmp_path, overrides):
 
 
 def test_tiny_image_policy_export_matches_pytorch(tmp_path):
-    cfg = tiny_config(
-        "policy.vision.backbone=compact", "policy.vision.precision=fp32", preset="pusht_image_unet_cpu"
-    )
-    meta = {
-        "obs": {
-            "image": {"shape": [3, 32, 32], "type": "rgb"},
-            "agent_pos": {"shape": [2], "type": "low_dim"},
-        },
-        "action": {"shape": [2]},
-    }
-    cfg.policy.vision.crop_shape = [28, 28]
-    policy = make_policy(cfg.policy, meta).eval()
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "agent_pos": torch.rand(100, 2, generator=g) * 512,
-        "action": torch.rand(100, 2, generator=g) * 512,
-    }
-    fitted = Normalizer.fit(data, {"image": "image", "agent_pos": "minmax", "action": "minmax"})
-    policy.normalizer.load_state_dict(fitted.state_dict())
+    policy = tiny_image_policy("policy.vision.precision=fp32")
     exported = ExportedPolicy(export_policy(policy, tmp_path / "export"))
-    agree(policy, exported, example_obs(meta, policy.n_obs_steps, batch=3))
+    agree(policy, exported, example_obs(policy.shape_meta, policy.n_obs_steps, batch=3))
 
 
 def test_rejects_what_it_cannot_export(tmp_path):

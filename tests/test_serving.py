@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_image_policy
 
 from diffpolicy.config import EvalConfig
 from diffpolicy.control import RecedingHorizonController
-from diffpolicy.data.normalize import Normalizer
 from diffpolicy.evaluation import run_rollouts
-from diffpolicy.policy import load_policy, make_policy
+from diffpolicy.policy import load_policy
 from diffpolicy.serving.client import PolicyClient, PolicyServerError, RemotePolicy
 from diffpolicy.serving.server import ObservationMismatch, PolicyServer
 from diffpolicy.serving.wire import WireError, decode, encode
@@ -197,24 +196,8 @@ def test_image_policy_chunks_equal_through_server():
     """A bf16 compact-CNN image policy gives bit-identical chunks locally (channels-last-strided frames from
     the controller) and through the server (contiguous off the wire): the policy's actions do not depend on
     the memory layout of its inputs (bf16 convolutions round differently per layout)."""
-    cfg = tiny_config("policy.vision.backbone=compact", preset="pusht_image_unet_cpu")
-    assert cfg.policy.vision.precision == "bf16"
-    cfg.policy.vision.crop_shape = [84, 84]  # at 32x32 the two layouts happened to round alike
-    meta = {
-        "obs": {
-            "image": {"shape": [3, 96, 96], "type": "rgb"},
-            "agent_pos": {"shape": [2], "type": "low_dim"},
-        },
-        "action": {"shape": [2]},
-    }
-    policy = make_policy(cfg.policy, meta).eval()
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "agent_pos": torch.rand(100, 2, generator=g) * 512,
-        "action": torch.rand(100, 2, generator=g) * 512,
-    }
-    kinds = {"image": "image", "agent_pos": "minmax", "action": "minmax"}
-    policy.normalizer.load_state_dict(Normalizer.fit(data, kinds).state_dict())
+    policy = tiny_image_policy(size=96, crop=84)  # at 32x32 the two layouts happened to round alike
+    assert policy.cfg.vision.precision == "bf16"
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8) for _ in range(6)]  # (N, H, W, C)
     local = RecedingHorizonController(policy, generator=torch.Generator().manual_seed(3))
