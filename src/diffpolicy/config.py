@@ -60,8 +60,18 @@ class DataConfig:
     val_ratio: float = 0.05
     max_train_episodes: int | None = None
     split_seed: int = 42
-    # Steps of edge padding after an episode's end; None -> n_action_steps - 1 (see data/sequence.py).
+    # Steps of edge padding a window may reach past an episode's end; None -> n_action_steps - 1 (the original
+    # diffusion_policy's pad_after; see data/sequence.py)
     pad_after: int | None = None
+    # Episodes shorter than policy.horizon, one rule for every format: pad (keep them, edge-padded) | skip
+    # (leave them out) | error; the log says how many there were
+    short_episodes: str = "pad"
+    # true: edge-repeated actions past an episode's end are left out of the loss (LeRobot's
+    # do_mask_loss_for_padding); false trains on all horizon actions, as the original does
+    mask_padded_actions: bool = False
+    # Train/validation split: auto uses the dataset's own when it has one (robomimic's mask/train and
+    # mask/valid), else random by val_ratio / split_seed; random always splits that way
+    split: str = "auto"
     cache_in_memory: bool = True
 
 
@@ -348,6 +358,8 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 FLOW_SAMPLERS = ("euler", "heun")  # the samplers of policy.objective=flow
 
 _CHOICES = {
+    "data.short_episodes": ("pad", "skip", "error"),
+    "data.split": ("auto", "random"),
     "policy.type": ("diffusion", "mse_bc", "consistency"),
     "policy.net": ("unet", "transformer"),
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),

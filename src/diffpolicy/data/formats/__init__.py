@@ -154,7 +154,6 @@ def open_training_data(
     *,
     obs_keys: Sequence[str] | None = None,
     task_shape_meta: dict[str, Any] | None = None,
-    horizon: int | None = None,
     flatten_obs: Sequence[str] | None = DEFAULT_FLATTEN,
     action_key: str = "action",
     image_size: Sequence[int] | None = None,
@@ -164,7 +163,8 @@ def open_training_data(
 
     An EpisodeStore is opened as it is; any other format is imported once into ``import_dir`` (see the
     module docstring) and the import is reused while the source is unchanged; ``image_size`` ([H, W])
-    resizes its cameras once at import. Imported data is checked for episodes shorter than ``horizon``.
+    resizes its cameras once at import. A store without episodes is refused here, naming it; episodes
+    shorter than the horizon follow ``data.short_episodes`` in SequenceDataset, whatever the format.
     """
     source = Path(path)
     fmt = detect_format(source)
@@ -190,16 +190,12 @@ def open_training_data(
             dataset = read_dataset(source, fmt, flatten_obs=flatten_obs)
             store = import_dataset(dataset, target, progress=progress, image_size=image_size)
             note = f"data {source} ({dataset.format}): imported {store.n_episodes} episodes into {target}"
-        if horizon is not None:
-            lengths = store.episode_lengths
-            short = np.flatnonzero(lengths < horizon)
-            if short.size:
-                listed = ", ".join(f"{int(i)} ({int(lengths[i])} steps)" for i in short[:5])
-                raise FormatError(
-                    source,
-                    f"{short.size} episode(s) are shorter than policy.horizon={horizon}: {listed}"
-                    f"{' ...' if short.size > 5 else ''}; lower policy.horizon or remove those episodes",
-                )
+    if store.n_episodes == 0:
+        raise FormatError(
+            source,
+            f"the {'EpisodeStore' if fmt == 'episode_store' else fmt + ' dataset'} holds no episodes, so there is nothing to train on (was its recording or "
+            "collection stopped before the first episode was saved?)",
+        )
     if task_shape_meta is not None:
         shape_meta = _select(task_shape_meta, obs_keys, source)
         missing = [k for k in [*shape_meta["obs"], action_key] if k not in store]
