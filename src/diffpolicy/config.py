@@ -50,9 +50,10 @@ class DataConfig:
     import_dir: str = ""  # "" -> <run_dir>/imported; share one folder between runs to import once
     # Observation keys to train on; None -> the task's, or (task.name="") every key the dataset declares
     obs_keys: list[str] | None = None
-    # Minari dict observations: these parts are concatenated into one low-dim key "state" (seed 000's
-    # PointMaze: observation + desired_goal); [] keeps each part as its own key
-    flatten_obs: list[str] = field(default_factory=lambda: ["observation", "desired_goal"])
+    # Minari observations: these vector parts are concatenated into one low-dim key "state"; None
+    # (default) flattens goal-style data's observation + desired_goal (PointMaze, as seed 000) and trains
+    # any other dataset as it is; [] keeps each part as its own key. Cameras always stay their own inputs.
+    flatten_obs: list[str] | None = None
     # [H, W]: resize the cameras of an imported dataset once, at import (e.g. 480x640 LeRobot recordings);
     # None keeps them. EpisodeStores given as data.path are used as they are.
     image_size: list[int] | None = None

@@ -58,7 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMATS = ("episode_store", "lerobot", "robomimic", "minari")
-DEFAULT_FLATTEN = ("observation", "desired_goal")
+# Minari: None flattens goal-style observations (observation + desired_goal) and leaves others as they are
+DEFAULT_FLATTEN: Sequence[str] | None = None
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -135,9 +136,28 @@ def store_shape_meta(store: EpisodeStore, action_key: str = "action") -> dict[st
     return {"obs": obs, "action": {"shape": [int(np.prod(store[action_key].shape[1:]))]}}
 
 
-def _select(shape_meta: dict[str, Any], obs_keys: Sequence[str] | None, where: Path | str) -> dict[str, Any]:
+def _select(
+    shape_meta: dict[str, Any],
+    obs_keys: Sequence[str] | None,
+    where: Path | str,
+    store: EpisodeStore | None = None,
+    action_key: str = "action",
+) -> dict[str, Any]:
+    """``shape_meta`` narrowed to ``obs_keys``; with ``store``, a key the store holds but ``shape_meta`` does
+    not list (e.g. a Minari part that was flattened into ``state``) is described from its array."""
     if not obs_keys:
         return shape_meta
+    shape_meta = json.loads(json.dumps(shape_meta))
+    for key in obs_keys:
+        if store is not None and key not in shape_meta["obs"] and key in store and key != action_key:
+            arr = store[key]
+            spec = obs_spec(key, tuple(arr.shape[1:]), arr.dtype)
+            if spec is None:
+                raise FormatError(
+                    where,
+                    f"data.obs_keys names {key!r} of shape {list(arr.shape[1:])}, neither rgb nor low-dim",
+                )
+            shape_meta["obs"][key] = spec
     missing = [k for k in obs_keys if k not in shape_meta["obs"]]
     if missing:
         raise FormatError(
@@ -178,7 +198,7 @@ def open_training_data(
     else:
         options = {
             "format": fmt,
-            "flatten_obs": list(flatten_obs or []),
+            "flatten_obs": None if flatten_obs is None else list(flatten_obs),
             "image_size": image_size and list(image_size),
         }
         name = source.stem if source.is_file() else source.name
@@ -191,9 +211,10 @@ def open_training_data(
             store = import_dataset(dataset, target, progress=progress, image_size=image_size)
             note = f"data {source} ({dataset.format}): imported {store.n_episodes} episodes into {target}"
     if store.n_episodes == 0:
+        what = "EpisodeStore" if fmt == "episode_store" else f"{fmt} dataset"
         raise FormatError(
             source,
-            f"the {'EpisodeStore' if fmt == 'episode_store' else fmt + ' dataset'} holds no episodes, so there is nothing to train on (was its recording or "
+            f"the {what} holds no episodes, so there is nothing to train on (was its recording or "
             "collection stopped before the first episode was saved?)",
         )
     if task_shape_meta is not None:
@@ -204,7 +225,7 @@ def open_training_data(
                 source, f"the task needs {missing}, which the dataset lacks; it has {store.keys}"
             )
     else:
-        shape_meta = _select(store_shape_meta(store, action_key), obs_keys, source)
+        shape_meta = _select(store_shape_meta(store, action_key), obs_keys, source, store, action_key)
         note += f"; shape_meta from the dataset: {json.dumps(shape_meta)}"
     return store, shape_meta, note
 
