@@ -212,6 +212,27 @@ def test_rgb_conversion(image_dtype):
     assert img.min() >= 0.0 and img.max() <= 1.0
 
 
+def test_float_images_already_in_0_1_are_refused_by_key(tmp_path: Path):
+    """Float frames are taken as 0..255 (the original Push-T's) and divided by 255 once; frames already in
+    [0, 1] would train on [0, 0.004] without a word, so they are refused, naming the key and the store."""
+    store = EpisodeStore.create(tmp_path / "unit.zarr")
+    rng = np.random.default_rng(0)
+    for n in (6, 5):
+        store.add_episode(
+            {
+                "action": rng.normal(size=(n, 2)).astype(np.float32),
+                "state": rng.normal(size=(n, 3)).astype(np.float32),
+                "image": rng.uniform(0, 1, (n, IMG_H, IMG_W, 3)).astype(np.float32),
+            }
+        )
+    for cached in (True, False):
+        with pytest.raises(ValueError, match=r"rgb key 'image'.*unit.zarr.*float values in \[0, 1\]") as err:
+            SequenceDataset(
+                store, RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2, cache_in_memory=cached
+            )
+        assert "multiply by 255" in str(err.value)
+
+
 class _RecordingArray:
     def __init__(self, array, log: list, key: str):
         self._array, self._log, self._key = array, log, key

@@ -62,7 +62,8 @@ def prepare_obs(value: np.ndarray, obs_type: str) -> np.ndarray:
     """Convert stored/env observations to the policy's input layout.
 
     ``low_dim``: float32, shape unchanged. ``rgb``: ``(..., H, W, C)`` uint8 (0..255) or float in
-    0..255 (the original Push-T data) -> float32 ``(..., C, H, W)`` in [0, 1].
+    0..255 (the original Push-T data) -> float32 ``(..., C, H, W)`` in [0, 1]. Float frames are always
+    divided by 255; SequenceDataset refuses stored float frames that are already in [0, 1].
     """
     arr = np.asarray(value)
     if obs_type == "low_dim":
@@ -282,6 +283,9 @@ class SequenceDataset(Dataset):
                 f"episode store {_store_name(self._store)} holds no episodes (nothing to train on)"
             )
         self.obs_types, self.obs_shapes, self.action_dim = self._check_shape_meta(shape_meta, self._store)
+        for key, obs_type in self.obs_types.items():
+            if obs_type == "rgb" and self._store[key].dtype.kind == "f":
+                self._check_float_frames(key)
 
         # Episodes of this dataset: global step ranges and per-episode bases into the sample source.
         ids = (
@@ -376,6 +380,23 @@ class SequenceDataset(Dataset):
                 f"per-step shape {list(stored_action)}"
             )
         return obs_types, obs_shapes, declared_action[0]
+
+    def _check_float_frames(self, key: str, n_frames: int = 64) -> None:
+        """Refuse float frames already in [0, 1]: the rgb rule divides float frames by 255 (they are taken as
+        0..255, like the original Push-T's), which would leave these in [0, 0.004] without a word.
+
+        Looks at ``n_frames`` frames spread over the store (a 0..255 dataset whose every one of them is
+        black, max <= 1, would be refused too; converting it loses nothing).
+        """
+        arr = self._store[key]
+        steps = np.unique(np.linspace(0, arr.shape[0] - 1, min(n_frames, arr.shape[0])).astype(np.int64))
+        high = max(float(np.max(np.asarray(arr[i : i + 1]))) for i in steps)
+        if high <= 1.0:
+            raise ValueError(
+                f"rgb key {key!r} of episode store {_store_name(self._store)} holds float values in [0, 1] "
+                f"(max {high:.3g} over {len(steps)} frames); float frames are read as 0..255 and divided by "
+                "255, so these would train on [0, 0.004]: multiply by 255 (or store uint8) first"
+            )
 
     @staticmethod
     def _check_episode_ids(episodes: Sequence[int], n_total: int) -> np.ndarray:
