@@ -214,7 +214,7 @@ def test_short_episodes_follow_one_rule_for_every_format(store, folder, tmp_path
     for source in (store, imported):
         with pytest.raises(
             ValueError,
-            match=r"2 of 3 episode\(s\) are shorter than policy.horizon=16: 0 \(15 steps\), 1 \(12",
+            match=r"2 of the 3 episode\(s\) used are shorter than policy.horizon=16: 0 \(15 steps\), 1 \(12",
         ):
             SequenceDataset(source, short_episodes="error", **kwargs)
         assert SequenceDataset(source, short_episodes="skip", **kwargs).episode_ids.tolist() == [2]

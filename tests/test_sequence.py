@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -532,14 +533,14 @@ def test_short_episodes_rule(mode, caplog):
     if mode == "error":
         with pytest.raises(
             ValueError,
-            match=r"2 of 4 episode\(s\) are shorter than policy.horizon=16: "
+            match=r"2 of the 4 episode\(s\) used are shorter than policy.horizon=16: "
             r"1 \(5 steps\), 3 \(3 steps\).*data.short_episodes=pad.*skip",
         ):
             SequenceDataset(store, LOW_DIM_META, **kwargs)
         return
     with caplog.at_level("WARNING", logger="diffpolicy"):
         ds = SequenceDataset(store, LOW_DIM_META, **kwargs)
-    assert "2 of 4 episode(s) are shorter than policy.horizon=16" in caplog.text
+    assert "2 of the 4 episode(s) used are shorter than policy.horizon=16" in caplog.text
     episodes = {ds.sample_location(i)[0] for i in range(len(ds))}
     if mode == "skip":
         assert "skipped them" in caplog.text
@@ -587,7 +588,7 @@ def test_split_store_skips_short_episodes_before_splitting():
     store = build_store([20, 5, 20, 3, 20, 20])
     train, val, note = split_store(store, 0.5, 0, horizon=16, short_episodes="skip")
     assert sorted([*train, *val]) == [0, 2, 4, 5] and len(val) == 2
-    assert "2 of 6 episode(s) are shorter" in note and "skipped" in note
+    assert "2 of the 6 episode(s) used are shorter" in note and "skipped" in note
     with pytest.raises(ValueError, match="data.short_episodes=pad"):
         split_store(store, 0.5, 0, horizon=16, short_episodes="error")
     train, val, _ = split_store(store, 0.5, 0, horizon=16, short_episodes="pad")
@@ -599,3 +600,33 @@ def test_pad_after_beyond_the_window_is_refused():
         SequenceDataset(
             build_store([10]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4, pad_after=8
         )
+
+
+def test_training_skips_or_pads_short_episodes_and_logs_the_count(tmp_path: Path):
+    """Episodes shorter than the horizon neither stop training nor pass unseen: the user's choice
+    (data.short_episodes) is applied and the run's log counts them."""
+    from conftest import TINY
+    from formats_helpers import train_and_act
+
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create(tmp_path / "demos.zarr")
+    for n in (30, 5, 30, 9, 30, 30):
+        store.add_episode({"state": rng.normal(size=(n, 3)), "action": rng.normal(size=(n, 2))})
+    base = [
+        *TINY,
+        "task.name=",
+        f"data.path={tmp_path / 'demos.zarr'}",
+        "train.num_steps=2",
+        "eval.n_episodes=0",
+    ]
+    base += ["data.val_ratio=0.34", "data.split_seed=0"]
+    for mode in ("skip", "pad"):
+        run = tmp_path / mode
+        train_and_act("trajectory2d_lowdim_unet", [*base, f"data.short_episodes={mode}"], run)
+        log = (run / "train.log").read_text()
+        if mode == "skip":  # dropped before the split: one line for the whole store
+            assert "2 of the 6 episode(s) used are shorter than policy.horizon=16: 1 (5 steps), 3 (9" in log
+            assert "skipped them" in log and "(3 train, 1 val episodes)" in log
+        else:  # kept: each of the train and validation sets counts its own
+            counts = re.findall(r"(\d+) of the (\d+) episode\(s\) used are shorter .*kept them", log)
+            assert sorted(counts) == [("1", "2"), ("1", "4")] and "(4 train, 2 val episodes)" in log

@@ -193,7 +193,7 @@ def apply_short_rule(
         f"{int(i)} ({int(n)} steps)" for i, n in zip(ids[short][:5], lengths[short][:5], strict=True)
     )
     what = (
-        f"episode store {_store_name(store)}: {n_short} of {len(ids)} episode(s) are shorter than "
+        f"episode store {_store_name(store)}: {n_short} of the {len(ids)} episode(s) used are shorter than "
         f"policy.horizon={horizon}: {listed}{' ...' if n_short > 5 else ''}"
     )
     if mode == "error":
