@@ -21,9 +21,9 @@ marks them in ``action_is_pad`` so that the policy's loss skips them (LeRobot's
 ``do_mask_loss_for_padding``).
 
 Short episodes (``L < H``): the one rule for every dataset format is ``short_episodes``:
-``"pad"`` (default) keeps them, each with at least the window at ``t = 0`` (padded at both ends, where
-the original would give an episode too short for its padding no window at all); ``"skip"`` drops them;
-``"error"`` refuses the dataset. Either way the log says how many there were.
+``"pad"`` (default) keeps them with the windows above, and at least the one at ``t = 0`` (padded at
+both ends; the original gives an episode shorter than ``H - pad_before - pad_after`` no window at all);
+``"skip"`` drops them; ``"error"`` refuses the dataset. Either way the log says how many there were.
 """
 
 from __future__ import annotations
