@@ -454,3 +454,15 @@ def test_open_zarr2_store_written_by_zarr_with_blosc(tmp_path: Path):
     store = EpisodeStore.open(path, mode="a")
     store.add_episode({key: value[:2] for key, value in values.items()})
     np.testing.assert_array_equal(EpisodeStore.open(path).episode_ends, [4, 9, 11, 13])
+
+
+def test_training_on_an_empty_store_names_it(tmp_path: Path):
+    """An EpisodeStore without episodes (e.g. a collection stopped before its first episode) is refused with
+    its path, not with a bare 'n_episodes must be a positive integer'."""
+    from diffpolicy.data.formats import FormatError, open_training_data
+
+    path = tmp_path / "demos.zarr"
+    EpisodeStore.create(path)
+    with pytest.raises(FormatError, match="holds no episodes") as err:
+        open_training_data(path, tmp_path / "imports")
+    assert str(path) in str(err.value)

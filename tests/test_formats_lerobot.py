@@ -198,18 +198,36 @@ def test_bad_input_names_file_and_problem(folder, tmp_path, where, edit, problem
     assert tree_hash(folder) == before
 
 
-def test_episodes_shorter_than_horizon(folder, tmp_path):
-    with pytest.raises(
-        FormatError, match=r"shorter than policy.horizon=16: 0 \(15 steps\), 1 \(12 steps\)"
-    ) as e:
-        open_training_data(folder, tmp_path / "imports", horizon=16)
-    assert str(folder) in str(e.value)
-    # the import made by the failed call is reused while the source is unchanged
-    store, shape_meta, note = open_training_data(folder, tmp_path / "imports", horizon=10)
-    assert "reusing the import" in note and store.n_episodes == 3
+def test_short_episodes_follow_one_rule_for_every_format(store, folder, tmp_path):
+    """Episodes shorter than the horizon meet the same rule (data.short_episodes, in SequenceDataset) from a
+    LeRobot folder as from the EpisodeStore it was written from; the import refuses nothing."""
+    from diffpolicy.data.sequence import SequenceDataset
+
+    imported, _, note = open_training_data(folder, tmp_path / "imports")
+    assert "imported 3 episodes" in note
+    kwargs = dict(
+        shape_meta={"obs": {"state": {"shape": [4]}}, "action": {"shape": [2]}},
+        horizon=16,
+        n_obs_steps=2,
+        n_action_steps=8,
+    )
+    for source in (store, imported):
+        with pytest.raises(
+            ValueError,
+            match=r"2 of the 3 episode\(s\) used are shorter than policy.horizon=16: 0 \(15 steps\), 1 \(12",
+        ):
+            SequenceDataset(source, short_episodes="error", **kwargs)
+        assert SequenceDataset(source, short_episodes="skip", **kwargs).episode_ids.tolist() == [2]
+    padded = [SequenceDataset(source, **kwargs) for source in (store, imported)]
+    assert [padded[0].sample_location(i) for i in range(len(padded[0]))] == [
+        padded[1].sample_location(i) for i in range(len(padded[1]))
+    ]
+    # the import is reused while the source is unchanged
+    store2, shape_meta, note = open_training_data(folder, tmp_path / "imports")
+    assert "reusing the import" in note and store2.n_episodes == 3
     assert sorted(shape_meta["obs"]) == ["environment_state", "state", "top", "wrist"]
     (folder / "meta" / "stats.json").write_text("{}")  # an edited source is imported again
-    _, _, note = open_training_data(folder, tmp_path / "imports", horizon=10)
+    _, _, note = open_training_data(folder, tmp_path / "imports")
     assert "imported 3 episodes" in note
 
 

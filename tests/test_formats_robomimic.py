@@ -97,6 +97,35 @@ def test_two_camera_transformer_trains_and_predicts(robomimic_file, tmp_path):
     policy, cfg, action = train_and_act("robomimic_image_transformer", overrides, tmp_path / "run")
     log = (tmp_path / "run" / "train.log").read_text()
     assert "imported 3 episodes" in log and "shape_meta from the dataset" in log
+    assert "split: robomimic's own mask/train (2 episodes) / mask/valid (1)" in log  # the file's split
     assert sorted(policy.shape_meta["obs"]) == sorted(cfg.data.obs_keys)
     assert action.shape == (1, 8, 7)
     assert tree_hash(robomimic_file) == before
+
+
+def test_demos_in_numeric_order_and_the_files_own_split(tmp_path):
+    """demo_10 sorts before demo_2 as text; robomimic's loader orders demos by number, and so does the
+    import. The file's mask/train and mask/valid make the training split (named in the note)."""
+    import h5py
+
+    from diffpolicy.data.formats import open_training_data
+    from diffpolicy.data.sequence import split_store
+
+    path = tmp_path / "low_dim.hdf5"
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for i in (10, 2, 0, 11, 1):  # written out of order; h5py lists them as text: 0, 1, 10, 11, 2
+            demo = data.create_group(f"demo_{i}")
+            demo.create_dataset("actions", data=np.full((3 + i, 2), float(i)))
+            demo.create_group("obs").create_dataset("pos", data=np.full((3 + i, 2), float(i)))
+        f.create_dataset("mask/train", data=np.array([b"demo_0", b"demo_1", b"demo_11"], dtype="S"))
+        f.create_dataset("mask/valid", data=np.array([b"demo_10", b"demo_2"], dtype="S"))
+    assert read_dataset(path).attrs["demos"] == ["demo_0", "demo_1", "demo_2", "demo_10", "demo_11"]
+    store, _, _ = open_training_data(path, tmp_path / "imports")
+    assert [float(store.get_episode(k)["action"][0, 0]) for k in range(5)] == [0, 1, 2, 10, 11]
+    assert store.episode_lengths.tolist() == [3, 4, 5, 13, 14]
+    train, val, note = split_store(store, val_ratio=0.05, seed=42)
+    assert train.tolist() == [0, 1, 4] and val.tolist() == [2, 3]  # demo_0, demo_1, demo_11 / demo_2, demo_10
+    assert "robomimic's own mask/train (3 episodes) / mask/valid (2)" in note
+    train, val, note = split_store(store, val_ratio=0.2, seed=42, rule="random")
+    assert len(val) == 1 and "random by data.val_ratio=0.2" in note

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,10 @@ def item_steps(item: dict) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------------- the index convention
 def test_interior_start_and_end_windows():
-    ds = SequenceDataset(build_store([10]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4)
-    # pad_after defaults to n_action_steps - 1 = 3: t = 0 .. 10-1-3 = 6
+    ds = SequenceDataset(
+        build_store([10]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4, mask_padded_actions=True
+    )
+    # pad_after defaults to n_action_steps - 1 = 3: t = 0 .. L - H + To - 1 + pad_after = 10-8+1+3 = 6
     assert len(ds) == 7
     assert [ds.sample_location(i) for i in range(7)] == [(0, t) for t in range(7)]
 
@@ -82,7 +85,9 @@ def test_interior_start_and_end_windows():
 
 
 def test_item_types_and_shapes():
-    ds = SequenceDataset(build_store([10]), RGB_META, horizon=8, n_obs_steps=2, n_action_steps=4)
+    ds = SequenceDataset(
+        build_store([10]), RGB_META, horizon=8, n_obs_steps=2, n_action_steps=4, mask_padded_actions=True
+    )
     item = ds[3]
     assert item["obs"]["state"].dtype == torch.float32 and item["obs"]["state"].shape == (2, 3)
     assert item["obs"]["image"].dtype == torch.float32 and item["obs"]["image"].shape == (2, 3, IMG_H, IMG_W)
@@ -90,18 +95,31 @@ def test_item_types_and_shapes():
     assert item["action_is_pad"].dtype == torch.bool and item["action_is_pad"].shape == (8,)
 
 
-def test_pad_after_zero_reaches_last_step():
+def test_pad_after_zero_never_pads_the_end():
     ds = SequenceDataset(
-        build_store([6]), LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2, pad_after=0
+        build_store([6]),
+        LOW_DIM_META,
+        horizon=4,
+        n_obs_steps=2,
+        n_action_steps=2,
+        pad_after=0,
+        mask_padded_actions=True,
     )
-    assert len(ds) == 6
-    assert item_steps(ds[5]) == ([4, 5], [4, 5, 5, 5])
-    assert ds[5]["action_is_pad"].tolist() == [False, False, True, True]
+    assert len(ds) == 4  # t = 0 .. 6-4+1+0 = 3: the last window ends on the last step
+    assert item_steps(ds[3]) == ([2, 3], [2, 3, 4, 5])
+    assert not ds[3]["action_is_pad"].any()
 
 
 @pytest.mark.parametrize("length", [1, 2, 3])
 def test_episode_shorter_than_horizon_still_yields_one_sample(length: int):
-    ds = SequenceDataset(build_store([length]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4)
+    ds = SequenceDataset(
+        build_store([length]),
+        LOW_DIM_META,
+        horizon=8,
+        n_obs_steps=2,
+        n_action_steps=4,
+        mask_padded_actions=True,
+    )
     assert len(ds) == 1
     obs, actions = item_steps(ds[0])
     assert obs == [0, 0]
@@ -111,19 +129,28 @@ def test_episode_shorter_than_horizon_still_yields_one_sample(length: int):
 
 
 def test_single_obs_step():
-    ds = SequenceDataset(build_store([6]), LOW_DIM_META, horizon=4, n_obs_steps=1, n_action_steps=4)
-    assert len(ds) == 3  # t = 0 .. 6-1-3
-    for i in range(3):
+    ds = SequenceDataset(
+        build_store([6]), LOW_DIM_META, horizon=4, n_obs_steps=1, n_action_steps=4, mask_padded_actions=True
+    )
+    assert len(ds) == 6  # t = 0 .. 6-4+0+3
+    for i in range(6):
         obs, actions = item_steps(ds[i])
         assert obs == [i]
-        assert actions == [i, i + 1, i + 2, i + 3]  # executed actions start at t (offset 0)
-        assert not ds[i]["action_is_pad"].any()
+        assert actions == [min(s, 5) for s in range(i, i + 4)]  # executed actions start at t (offset 0)
+        assert ds[i]["action_is_pad"].tolist() == [s > 5 for s in range(i, i + 4)]
 
 
 def test_windows_never_cross_episode_boundaries():
     lengths = [7, 2, 5, 1]
-    ds = SequenceDataset(build_store(lengths), LOW_DIM_META, horizon=6, n_obs_steps=3, n_action_steps=2)
-    expected_counts = [max(0, n - 1 - 1) + 1 for n in lengths]
+    ds = SequenceDataset(
+        build_store(lengths),
+        LOW_DIM_META,
+        horizon=6,
+        n_obs_steps=3,
+        n_action_steps=2,
+        mask_padded_actions=True,
+    )
+    expected_counts = [max(0, n - 6 + 2 + 1) + 1 for n in lengths]  # t = 0 .. L - H + To - 1 + pad_after
     assert len(ds) == sum(expected_counts)
     seen = []
     for i in range(len(ds)):
@@ -150,7 +177,7 @@ def test_episode_subset_and_action_key():
     eps = {ds.sample_location(i)[0] for i in range(len(ds))}
     assert eps == {0, 2}
     last = ds[-1]
-    assert last["action"][:, 0].tolist() == [step_value(2, 4), step_value(2, 5)]
+    assert last["action"][:, 0].tolist() == [step_value(2, 5), step_value(2, 5)]  # pad_after = 1
     data = ds.get_normalizer_data()
     assert sorted(data) == ["action", "state"]
     expected = np.concatenate([step_value(0, np.arange(4)), step_value(2, np.arange(6))]).astype(np.float32)
@@ -184,6 +211,27 @@ def test_rgb_conversion(image_dtype):
             expected = (10 * 1 + step + 50 * c) / 255.0
             torch.testing.assert_close(img[k, c], torch.full((IMG_H, IMG_W), expected))
     assert img.min() >= 0.0 and img.max() <= 1.0
+
+
+def test_float_images_already_in_0_1_are_refused_by_key(tmp_path: Path):
+    """Float frames are taken as 0..255 (the original Push-T's) and divided by 255 once; frames already in
+    [0, 1] would train on [0, 0.004] without a word, so they are refused, naming the key and the store."""
+    store = EpisodeStore.create(tmp_path / "unit.zarr")
+    rng = np.random.default_rng(0)
+    for n in (6, 5):
+        store.add_episode(
+            {
+                "action": rng.normal(size=(n, 2)).astype(np.float32),
+                "state": rng.normal(size=(n, 3)).astype(np.float32),
+                "image": rng.uniform(0, 1, (n, IMG_H, IMG_W, 3)).astype(np.float32),
+            }
+        )
+    for cached in (True, False):
+        with pytest.raises(ValueError, match=r"rgb key 'image'.*unit.zarr.*float values in \[0, 1\]") as err:
+            SequenceDataset(
+                store, RGB_META, horizon=4, n_obs_steps=2, n_action_steps=2, cache_in_memory=cached
+            )
+        assert "multiply by 255" in str(err.value)
 
 
 class _RecordingArray:
@@ -236,7 +284,7 @@ def test_cache_reads_each_key_once(read_log: list):
 
 def test_lazy_and_cached_items_identical(tmp_path: Path):
     store = build_store([9, 2, 6], path=tmp_path / "s.zarr")
-    kwargs = dict(horizon=6, n_obs_steps=3, n_action_steps=3, episodes=[0, 2])
+    kwargs = dict(horizon=6, n_obs_steps=3, n_action_steps=3, episodes=[0, 2], mask_padded_actions=True)
     cached = SequenceDataset(store, RGB_META, **kwargs)
     lazy = SequenceDataset(tmp_path / "s.zarr", RGB_META, cache_in_memory=False, **kwargs)
     assert len(cached) == len(lazy) > 0
@@ -380,7 +428,13 @@ def test_get_batch_equals_collated_single_windows(cached):
     from torch.utils.data import default_collate
 
     ds = SequenceDataset(
-        build_store([3, 9, 5]), RGB_META, horizon=6, n_obs_steps=3, n_action_steps=2, cache_in_memory=cached
+        build_store([3, 9, 5]),
+        RGB_META,
+        horizon=6,
+        n_obs_steps=3,
+        n_action_steps=2,
+        cache_in_memory=cached,
+        mask_padded_actions=True,
     )
     indices = [0, len(ds) - 1, 4, 4, 2, -1]  # episode starts and ends (both paddings), repeats, negatives
     batch = ds.get_batch(indices)
@@ -413,3 +467,166 @@ def test_get_batch_rejects_bad_indices():
         ds.get_batch([])
     with pytest.raises(ValueError, match="integer"):
         ds.get_batch([0.5, 1.0])
+
+
+# ---------------------------------------------------------------------- the original's sampling rule
+def original_current_steps(length: int, horizon: int, n_obs: int, n_act: int) -> list[int]:
+    """Current steps of the windows the original diffusion_policy samples from one episode.
+
+    Its ``create_indices`` lets a window of ``horizon`` steps start at ``-pad_before .. L - H + pad_after``
+    (its datasets use pad_before = n_obs_steps - 1, pad_after = n_action_steps - 1); the current step is the
+    window's last observed one, start + n_obs_steps - 1.
+    """
+    pad_before, pad_after = min(n_obs - 1, horizon - 1), min(n_act - 1, horizon - 1)
+    return [start + n_obs - 1 for start in range(-pad_before, length - horizon + pad_after + 1)]
+
+
+@pytest.mark.parametrize(
+    "horizon, n_obs, n_act",
+    [(16, 2, 8), (10, 2, 8), (32, 2, 16), (8, 2, 4), (6, 3, 2), (4, 1, 4), (12, 4, 3)],
+)
+def test_window_starts_match_the_original_sampler(horizon, n_obs, n_act):
+    lengths = [horizon, horizon + 1, horizon + 7, 40]
+    ds = SequenceDataset(
+        build_store(lengths), LOW_DIM_META, horizon=horizon, n_obs_steps=n_obs, n_action_steps=n_act
+    )
+    got = [ds.sample_location(i) for i in range(len(ds))]
+    expected = [
+        (e, t) for e, n in enumerate(lengths) for t in original_current_steps(n, horizon, n_obs, n_act)
+    ]
+    assert got == expected
+
+
+def test_loss_trains_on_edge_repeated_actions_unless_masking_is_asked_for():
+    """The original trains on all horizon actions, padded ones included; masking them is an opt-in."""
+    from conftest import tiny_config
+
+    from diffpolicy.data.normalize import Normalizer
+    from diffpolicy.policy import make_policy
+
+    store = build_store([12])
+    kwargs = dict(horizon=16, n_obs_steps=2, n_action_steps=8)
+    default = SequenceDataset(store, LOW_DIM_META, **kwargs)
+    masked = SequenceDataset(store, LOW_DIM_META, mask_padded_actions=True, **kwargs)
+    policy = make_policy(tiny_config().policy, LOW_DIM_META)
+    policy.normalizer.load_state_dict(
+        Normalizer.fit(default.get_normalizer_data(), {"state": "minmax", "action": "minmax"}).state_dict()
+    )
+    noise, timesteps = torch.randn(1, 16, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([50])
+    plain, marked = default.get_batch([len(default) - 1]), masked.get_batch([len(masked) - 1])
+    # the last window (t = 4, actions at steps 3 .. 18) repeats the episode's last action 7 times
+    assert "action_is_pad" not in plain and torch.equal(plain["action"], marked["action"])
+    assert marked["action_is_pad"][0].tolist() == [False] * 9 + [True] * 7
+    with torch.no_grad():
+        loss_all = policy.compute_loss(plain, noise=noise, timesteps=timesteps)
+        loss_masked = policy.compute_loss(marked, noise=noise, timesteps=timesteps)
+        unmarked = {**marked, "action_is_pad": torch.zeros_like(marked["action_is_pad"])}
+        assert torch.equal(loss_all, policy.compute_loss(unmarked, noise=noise, timesteps=timesteps))
+    assert not torch.allclose(loss_all, loss_masked)
+
+
+@pytest.mark.parametrize("mode", ["pad", "skip", "error"])
+def test_short_episodes_rule(mode, caplog):
+    lengths = [20, 5, 16, 3]  # horizon 16: episodes 1 and 3 are short
+    kwargs = dict(horizon=16, n_obs_steps=2, n_action_steps=8, short_episodes=mode)
+    store = build_store(lengths)
+    if mode == "error":
+        with pytest.raises(
+            ValueError,
+            match=r"2 of the 4 episode\(s\) used are shorter than policy.horizon=16: "
+            r"1 \(5 steps\), 3 \(3 steps\).*data.short_episodes=pad.*skip",
+        ):
+            SequenceDataset(store, LOW_DIM_META, **kwargs)
+        return
+    with caplog.at_level("WARNING", logger="diffpolicy"):
+        ds = SequenceDataset(store, LOW_DIM_META, **kwargs)
+    assert "2 of the 4 episode(s) used are shorter than policy.horizon=16" in caplog.text
+    episodes = {ds.sample_location(i)[0] for i in range(len(ds))}
+    if mode == "skip":
+        assert "skipped them" in caplog.text
+        assert ds.episode_ids.tolist() == [0, 2] and episodes == {0, 2}
+    else:
+        assert "kept them, edge-padded" in caplog.text
+        assert episodes == {0, 1, 2, 3}
+        # an episode too short for the original's padding still gives its t = 0 window
+        assert [ds.sample_location(i) for i in range(len(ds)) if ds.sample_location(i)[0] == 3] == [(3, 0)]
+    with pytest.raises(ValueError, match="leaves none"):
+        SequenceDataset(store, LOW_DIM_META, episodes=[1, 3], **{**kwargs, "short_episodes": "skip"})
+
+
+def test_empty_store_is_named(tmp_path: Path):
+    path = tmp_path / "empty.zarr"
+    EpisodeStore.create(path)
+    with pytest.raises(ValueError, match=rf"episode store {path} holds no episodes"):
+        SequenceDataset(path, LOW_DIM_META, horizon=4, n_obs_steps=2, n_action_steps=2)
+    from diffpolicy.data.sequence import split_store
+
+    with pytest.raises(ValueError, match=rf"episode store {path} holds no episodes"):
+        split_store(EpisodeStore.open(path), 0.1, 0)
+
+
+def test_split_store_uses_the_datasets_own_split():
+    from diffpolicy.data.sequence import split_store
+
+    store = build_store([20] * 6)
+    train, val, note = split_store(store, 0.5, 0)
+    assert "random by data.val_ratio=0.5" in note and len(val) == 3
+    store.attrs["source"] = {"format": "robomimic", "splits": {"train": [0, 2, 3, 5], "valid": [1, 4]}}
+    train, val, note = split_store(store, 0.5, 0)
+    assert train.tolist() == [0, 2, 3, 5] and val.tolist() == [1, 4]
+    assert "robomimic's own mask/train (4 episodes) / mask/valid (2)" in note
+    train, _, _ = split_store(store, 0.5, 0, max_train_episodes=2)
+    assert len(train) == 2 and set(train) <= {0, 2, 3, 5}
+    assert "random" in split_store(store, 0.5, 0, rule="random")[2]
+    store.attrs["source"] = {"format": "robomimic", "splits": {"train": [0, 2, 3, 5]}}
+    assert split_store(store, 0.5, 0)[1].tolist() == [1, 4]  # no mask/valid: the other episodes
+
+
+def test_split_store_skips_short_episodes_before_splitting():
+    from diffpolicy.data.sequence import split_store
+
+    store = build_store([20, 5, 20, 3, 20, 20])
+    train, val, note = split_store(store, 0.5, 0, horizon=16, short_episodes="skip")
+    assert sorted([*train, *val]) == [0, 2, 4, 5] and len(val) == 2
+    assert "2 of the 6 episode(s) used are shorter" in note and "skipped" in note
+    with pytest.raises(ValueError, match="data.short_episodes=pad"):
+        split_store(store, 0.5, 0, horizon=16, short_episodes="error")
+    train, val, _ = split_store(store, 0.5, 0, horizon=16, short_episodes="pad")
+    assert len(train) + len(val) == 6
+
+
+def test_pad_after_beyond_the_window_is_refused():
+    with pytest.raises(ValueError, match=r"pad_after must be an integer in \[0, horizon - 1 = 7\]"):
+        SequenceDataset(
+            build_store([10]), LOW_DIM_META, horizon=8, n_obs_steps=2, n_action_steps=4, pad_after=8
+        )
+
+
+def test_training_skips_or_pads_short_episodes_and_logs_the_count(tmp_path: Path):
+    """Episodes shorter than the horizon neither stop training nor pass unseen: the user's choice
+    (data.short_episodes) is applied and the run's log counts them."""
+    from conftest import TINY
+    from formats_helpers import train_and_act
+
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create(tmp_path / "demos.zarr")
+    for n in (30, 5, 30, 9, 30, 30):
+        store.add_episode({"state": rng.normal(size=(n, 3)), "action": rng.normal(size=(n, 2))})
+    base = [
+        *TINY,
+        "task.name=",
+        f"data.path={tmp_path / 'demos.zarr'}",
+        "train.num_steps=2",
+        "eval.n_episodes=0",
+    ]
+    base += ["data.val_ratio=0.34", "data.split_seed=0"]
+    for mode in ("skip", "pad"):
+        run = tmp_path / mode
+        train_and_act("trajectory2d_lowdim_unet", [*base, f"data.short_episodes={mode}"], run)
+        log = (run / "train.log").read_text()
+        if mode == "skip":  # dropped before the split: one line for the whole store
+            assert "2 of the 6 episode(s) used are shorter than policy.horizon=16: 1 (5 steps), 3 (9" in log
+            assert "skipped them" in log and "(3 train, 1 val episodes)" in log
+        else:  # kept: each of the train and validation sets counts its own
+            counts = re.findall(r"(\d+) of the (\d+) episode\(s\) used are shorter .*kept them", log)
+            assert sorted(counts) == [("1", "2"), ("1", "4")] and "(4 train, 2 val episodes)" in log

@@ -467,11 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset", help="inspect or convert datasets (EpisodeStore, LeRobot, robomimic, Minari)"
     )
     dsub = p.add_subparsers(dest="dataset_command", required=True)
-    flatten_help = "Minari: observation parts concatenated into 'state' (default observation desired_goal)"
+    flatten_help = (
+        "Minari: observation parts concatenated into 'state' (default: observation desired_goal for "
+        "goal-style data, none otherwise; --flatten with no names keeps every part)"
+    )
     q = dsub.add_parser("info", help="episodes, frames, keys, shapes, fps, stats of a dataset")
     q.add_argument("path")
     q.add_argument("--json", action="store_true", help="print JSON")
-    q.add_argument("--flatten", nargs="*", default=["observation", "desired_goal"], help=flatten_help)
+    q.add_argument("--flatten", nargs="*", default=None, help=flatten_help)
     q.set_defaults(func=cmd_dataset_info)
     q = dsub.add_parser(
         "convert",
@@ -484,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--fps", type=float, help="frame rate for LeRobot (default: the store's fps attribute)")
     q.add_argument("--task", default="", help="LeRobot task description (default: the store's task)")
-    q.add_argument("--flatten", nargs="*", default=["observation", "desired_goal"], help=flatten_help)
+    q.add_argument("--flatten", nargs="*", default=None, help=flatten_help)
     q.add_argument(
         "--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize cameras when importing a dataset"
     )

@@ -50,9 +50,10 @@ class DataConfig:
     import_dir: str = ""  # "" -> <run_dir>/imported; share one folder between runs to import once
     # Observation keys to train on; None -> the task's, or (task.name="") every key the dataset declares
     obs_keys: list[str] | None = None
-    # Minari dict observations: these parts are concatenated into one low-dim key "state" (seed 000's
-    # PointMaze: observation + desired_goal); [] keeps each part as its own key
-    flatten_obs: list[str] = field(default_factory=lambda: ["observation", "desired_goal"])
+    # Minari observations: these vector parts are concatenated into one low-dim key "state"; None
+    # (default) flattens goal-style data's observation + desired_goal (PointMaze, as seed 000) and trains
+    # any other dataset as it is; [] keeps each part as its own key. Cameras always stay their own inputs.
+    flatten_obs: list[str] | None = None
     # [H, W]: resize the cameras of an imported dataset once, at import (e.g. 480x640 LeRobot recordings);
     # None keeps them. EpisodeStores given as data.path are used as they are.
     image_size: list[int] | None = None
@@ -60,8 +61,18 @@ class DataConfig:
     val_ratio: float = 0.05
     max_train_episodes: int | None = None
     split_seed: int = 42
-    # Steps of edge padding after an episode's end; None -> n_action_steps - 1 (see data/sequence.py).
+    # Steps of edge padding a window may reach past an episode's end; None -> n_action_steps - 1 (the original
+    # diffusion_policy's pad_after; see data/sequence.py)
     pad_after: int | None = None
+    # Episodes shorter than policy.horizon, one rule for every format: pad (keep them, edge-padded) | skip
+    # (leave them out) | error; the log says how many there were
+    short_episodes: str = "pad"
+    # true: edge-repeated actions past an episode's end are left out of the loss (LeRobot's
+    # do_mask_loss_for_padding); false trains on all horizon actions, as the original does
+    mask_padded_actions: bool = False
+    # Train/validation split: auto uses the dataset's own when it has one (robomimic's mask/train and
+    # mask/valid), else random by val_ratio / split_seed; random always splits that way
+    split: str = "auto"
     cache_in_memory: bool = True
 
 
@@ -348,6 +359,8 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 FLOW_SAMPLERS = ("euler", "heun")  # the samplers of policy.objective=flow
 
 _CHOICES = {
+    "data.short_episodes": ("pad", "skip", "error"),
+    "data.split": ("auto", "random"),
     "policy.type": ("diffusion", "mse_bc", "consistency"),
     "policy.net": ("unet", "transformer"),
     "policy.scheduler.prediction_type": ("epsilon", "sample", "v_prediction"),

@@ -6,7 +6,9 @@ travel in the policy's ``state_dict`` / safetensors checkpoint. Modes:
 * ``minmax``: each feature to [-1, 1]; features whose range is below ``range_eps`` map to 0
   (scale 1, offset -min), so constant dimensions neither explode nor carry noise.
 * ``gaussian``: zero mean, unit std per feature (std below ``range_eps`` treated as 1).
-* ``image``: scalar map [0, 1] -> [-1, 1] (scale 2, offset -1); needs no data.
+* ``image``: scalar map [0, 1] -> [-1, 1] (scale 2, offset -1); needs no data. Its inputs are frames
+  made by ``data.sequence.prepare_obs``: uint8, or float in 0..255, divided by 255 once (stored float
+  frames already in [0, 1] are refused by SequenceDataset, naming the key, not divided again).
 * ``identity``: scalar scale 1, offset 0.
 
 Low-dim maps act on the last dimension and broadcast over leading (batch, time) dimensions; image

@@ -9,17 +9,26 @@ For an episode of length ``L``, current step ``t``, ``To = n_obs_steps`` and ``H
 * executed actions: the ``n_action_steps`` actions at window offsets ``To-1 .. To-1+n_action_steps-1``,
   i.e. starting at the current step ``t``.
 
-Steps outside ``[0, L-1]`` are clamped to the episode's first/last step (edge-repeat padding);
-padded action steps are flagged ``True`` in ``action_is_pad``. Windows never cross episodes.
+Steps outside ``[0, L-1]`` are clamped to the episode's first/last step (edge-repeat padding). Windows
+never cross episodes.
 
-Valid current steps are ``t = 0 .. max(0, L-1-pad_after)``; ``pad_after`` defaults to
-``n_action_steps-1``, so the executed actions of every sample lie inside the episode whenever
-``L >= n_action_steps``. Every episode yields at least one sample (``t = 0``), even when shorter
-than the horizon.
+Which windows exist is the original diffusion_policy's rule (``SequenceSampler`` / ``create_indices``
+with ``pad_before = n_obs_steps - 1`` and ``pad_after``, default ``n_action_steps - 1``): a window may
+start anywhere from ``pad_before`` steps before the episode to where it ends ``pad_after`` steps past
+the episode's end, i.e. current steps ``t = 0 .. L - H + To - 1 + pad_after``. The loss covers all
+``H`` actions, edge-repeated ones included, as in the original; ``mask_padded_actions=True`` instead
+marks them in ``action_is_pad`` so that the policy's loss skips them (LeRobot's
+``do_mask_loss_for_padding``).
+
+Short episodes (``L < H``): the one rule for every dataset format is ``short_episodes``:
+``"pad"`` (default) keeps them with the windows above, and at least the one at ``t = 0`` (padded at
+both ends; the original gives an episode shorter than ``H - pad_before - pad_after`` no window at all);
+``"skip"`` drops them; ``"error"`` refuses the dataset. Either way the log says how many there were.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,16 +40,30 @@ from torch.utils.data import Dataset
 
 from diffpolicy.data.episodes import EpisodeStore
 
-__all__ = ["OBS_TYPES", "SequenceDataset", "prepare_obs", "split_episodes"]
+__all__ = [
+    "OBS_TYPES",
+    "SHORT_EPISODES",
+    "SPLIT_RULES",
+    "SequenceDataset",
+    "apply_short_rule",
+    "prepare_obs",
+    "split_episodes",
+    "split_store",
+]
+
+log = logging.getLogger(__name__)
 
 OBS_TYPES = ("low_dim", "rgb")
+SHORT_EPISODES = ("pad", "skip", "error")  # what to do with episodes shorter than the horizon
+SPLIT_RULES = ("auto", "random")  # auto: the dataset's own train/valid split when it has one
 
 
 def prepare_obs(value: np.ndarray, obs_type: str) -> np.ndarray:
     """Convert stored/env observations to the policy's input layout.
 
     ``low_dim``: float32, shape unchanged. ``rgb``: ``(..., H, W, C)`` uint8 (0..255) or float in
-    0..255 (the original Push-T data) -> float32 ``(..., C, H, W)`` in [0, 1].
+    0..255 (the original Push-T data) -> float32 ``(..., C, H, W)`` in [0, 1]. Float frames are always
+    divided by 255; SequenceDataset refuses stored float frames that are already in [0, 1].
     """
     arr = np.asarray(value)
     if obs_type == "low_dim":
@@ -85,6 +108,106 @@ def split_episodes(
     return np.sort(train_ids).astype(np.int64), np.sort(val_ids).astype(np.int64)
 
 
+def split_store(
+    store: EpisodeStore,
+    val_ratio: float,
+    seed: int,
+    max_train_episodes: int | None = None,
+    rule: str = "auto",
+    *,
+    horizon: int | None = None,
+    short_episodes: str = "pad",
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Sorted ``(train_ids, val_ids)`` of the episodes of ``store``, and a line saying which rule made them.
+
+    ``rule="auto"`` uses the dataset's own split when its import recorded one (robomimic's ``mask/train``
+    and ``mask/valid``, kept in the store's ``source.splits``; without ``valid`` the other episodes
+    validate), else :func:`split_episodes` by ``val_ratio`` / ``seed``; ``rule="random"`` always uses
+    :func:`split_episodes`. ``max_train_episodes`` subsamples the training side (seeded) either way. With
+    ``horizon`` and ``short_episodes="skip"`` the episodes shorter than ``horizon`` are dropped before the
+    split (so neither side is left with only short ones); ``"error"`` refuses them here.
+    """
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"split rule must be one of {SPLIT_RULES}, got {rule!r}")
+    n = store.n_episodes
+    if n == 0:
+        raise ValueError(f"episode store {_store_name(store)} holds no episodes (nothing to train on)")
+    usable = np.arange(n, dtype=np.int64)
+    skipped = ""
+    if horizon is not None and short_episodes != "pad":
+        usable, note = apply_short_rule(store, usable, horizon, short_episodes)
+        skipped = f"; {note}" if note else ""
+    source = store.attrs.get("source") or {}
+    splits = source.get("splits") or {} if isinstance(source, dict) else {}
+    if rule == "auto" and isinstance(splits, dict) and splits.get("train"):
+        train = np.asarray(splits["train"], dtype=np.int64)
+        val = np.asarray(
+            splits["valid"] if splits.get("valid") else np.setdiff1d(np.arange(n), train), np.int64
+        )
+        bad = [int(i) for i in np.concatenate([train, val]) if not 0 <= i < n]
+        if bad:
+            raise ValueError(
+                f"episode store {_store_name(store)}: its recorded split names episode {bad[0]}, but it "
+                f"holds {n} episodes (use data.split=random)"
+            )
+        train, val = np.intersect1d(train, usable), np.intersect1d(val, usable)
+        if not len(train):
+            raise ValueError(f"episode store {_store_name(store)}: the dataset's own train split is empty")
+        if max_train_episodes is not None and len(train) > max_train_episodes:
+            train = np.sort(np.random.default_rng(seed).choice(train, size=max_train_episodes, replace=False))
+        fmt = source.get("format", "the dataset")
+        has_valid = "mask/valid" if splits.get("valid") else "the other episodes"
+        note = (
+            f"split: {fmt}'s own mask/train ({len(train)} episodes) / {has_valid} ({len(val)}) "
+            f"(data.split=auto; random splits by data.val_ratio instead){skipped}"
+        )
+        return train, val, note
+    train_pos, val_pos = split_episodes(len(usable), val_ratio, seed, max_train_episodes)
+    train, val = usable[train_pos], usable[val_pos]
+    note = (
+        f"split: random by data.val_ratio={val_ratio}, data.split_seed={seed} "
+        f"({len(train)} train, {len(val)} val episodes){skipped}"
+    )
+    return train, val, note
+
+
+def _store_name(store: EpisodeStore) -> str:
+    return str(store.path) if store.path is not None else "<in memory>"
+
+
+def apply_short_rule(
+    store: EpisodeStore, ids: np.ndarray, horizon: int, mode: str
+) -> tuple[np.ndarray, str | None]:
+    """Episodes ``ids`` of ``store`` after the short-episode rule (``mode`` in :data:`SHORT_EPISODES`, see
+    the module docstring), and a line saying what was done (None when no episode is shorter than
+    ``horizon``). ``"error"``, or ``"skip"`` with every episode short, raises a ValueError naming the store.
+    """
+    if mode not in SHORT_EPISODES:
+        raise ValueError(f"short_episodes must be one of {SHORT_EPISODES}, got {mode!r}")
+    lengths = store.episode_lengths[ids]
+    short = lengths < horizon
+    n_short = int(short.sum())
+    if not n_short:
+        return ids, None
+    listed = ", ".join(
+        f"{int(i)} ({int(n)} steps)" for i, n in zip(ids[short][:5], lengths[short][:5], strict=True)
+    )
+    what = (
+        f"episode store {_store_name(store)}: {n_short} of the {len(ids)} episode(s) used are shorter than "
+        f"policy.horizon={horizon}: {listed}{' ...' if n_short > 5 else ''}"
+    )
+    if mode == "error":
+        raise ValueError(
+            f"{what}; set data.short_episodes=pad (keep them, edge-padded) or skip (drop them), "
+            "or lower policy.horizon"
+        )
+    if mode == "skip":
+        if short.all():
+            raise ValueError(f"{what}; skipping them leaves none (data.short_episodes=pad keeps them)")
+        return ids[~short], f"{what}; skipped them (data.short_episodes=skip)"
+    return ids, f"{what}; kept them, edge-padded (data.short_episodes=pad; skip drops them)"
+
+
 def _contiguous_runs(starts: np.ndarray, stops: np.ndarray) -> list[tuple[int, int]]:
     """Merge sorted, non-overlapping [start, stop) ranges that touch into maximal runs."""
     runs: list[tuple[int, int]] = []
@@ -99,9 +222,10 @@ def _contiguous_runs(starts: np.ndarray, stops: np.ndarray) -> list[tuple[int, i
 class SequenceDataset(Dataset):
     """Training windows (``n_obs_steps`` observations, ``horizon`` actions) over whole episodes.
 
-    Items are ``{"obs": {key: float32 (To, *shape)}, "action": float32 (H, Da),
-    "action_is_pad": bool (H,)}``; rgb observations come out as float32 (To, C, H, W) in [0, 1].
-    See the module docstring for the index convention.
+    Items are ``{"obs": {key: float32 (To, *shape)}, "action": float32 (H, Da)}``, plus
+    ``"action_is_pad": bool (H,)`` with ``mask_padded_actions``; rgb observations come out as float32
+    (To, C, H, W) in [0, 1]. See the module docstring for the index convention, the windows and the
+    short-episode rule.
     """
 
     def __init__(
@@ -115,6 +239,8 @@ class SequenceDataset(Dataset):
         episodes: Sequence[int] | None = None,
         action_key: str = "action",
         cache_in_memory: bool = True,
+        short_episodes: str = "pad",
+        mask_padded_actions: bool = False,
     ):
         for name, value in (
             ("horizon", horizon),
@@ -130,14 +256,20 @@ class SequenceDataset(Dataset):
             )
         if pad_after is None:
             pad_after = n_action_steps - 1
-        if int(pad_after) != pad_after or pad_after < 0:
-            raise ValueError(f"pad_after must be a non-negative integer, got {pad_after}")
+        if int(pad_after) != pad_after or not 0 <= pad_after < horizon:
+            raise ValueError(
+                f"pad_after must be an integer in [0, horizon - 1 = {horizon - 1}], got {pad_after}"
+            )
+        if short_episodes not in SHORT_EPISODES:
+            raise ValueError(f"short_episodes must be one of {SHORT_EPISODES}, got {short_episodes!r}")
         self.horizon = int(horizon)
         self.n_obs_steps = int(n_obs_steps)
         self.n_action_steps = int(n_action_steps)
         self.pad_after = int(pad_after)
         self.action_key = action_key
         self.cache_in_memory = bool(cache_in_memory)
+        self.short_episodes = short_episodes
+        self.mask_padded_actions = bool(mask_padded_actions)
 
         if isinstance(store, EpisodeStore):
             self._store: EpisodeStore | None = store
@@ -145,26 +277,35 @@ class SequenceDataset(Dataset):
             self._store = EpisodeStore.open(store, mode="r")
         self._store_path: Path | None = self._store.path
         self._store_pid = os.getpid()
-        self.obs_types, self.obs_shapes, self.action_dim = self._check_shape_meta(shape_meta, self._store)
-
-        # Episodes of this dataset: global step ranges and per-episode bases into the sample source.
         n_total = self._store.n_episodes
         if n_total == 0:
-            raise ValueError("episode store has no episodes")
+            raise ValueError(
+                f"episode store {_store_name(self._store)} holds no episodes (nothing to train on)"
+            )
+        self.obs_types, self.obs_shapes, self.action_dim = self._check_shape_meta(shape_meta, self._store)
+        for key, obs_type in self.obs_types.items():
+            if obs_type == "rgb" and self._store[key].dtype.kind == "f":
+                self._check_float_frames(key)
+
+        # Episodes of this dataset: global step ranges and per-episode bases into the sample source.
         ids = (
             np.arange(n_total, dtype=np.int64)
             if episodes is None
             else self._check_episode_ids(episodes, n_total)
         )
+        ids, note = apply_short_rule(self._store, ids, self.horizon, self.short_episodes)
+        if note:
+            log.warning("%s", note)
         self._episode_ids = ids
         all_ends = self._store.episode_ends
         self._ep_stops = all_ends[ids]
         self._ep_starts = np.where(ids > 0, all_ends[np.maximum(ids - 1, 0)], 0).astype(np.int64)
         self._ep_lengths = self._ep_stops - self._ep_starts
 
-        # Sample index: (local episode position, current step t).
-        last_t = np.maximum(0, self._ep_lengths - 1 - self.pad_after)
-        counts = last_t + 1
+        # Sample index: (local episode position, current step t), t = 0 .. L - H + To - 1 + pad_after
+        # (the original's window starts -pad_before .. L - H + pad_after); at least t = 0 per episode.
+        last_t = self._ep_lengths - self.horizon + self.n_obs_steps - 1 + self.pad_after
+        counts = np.maximum(last_t, 0) + 1
         self._sample_ep = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
         offsets = np.cumsum(counts) - counts
         self._sample_t = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(offsets, counts)
@@ -239,6 +380,23 @@ class SequenceDataset(Dataset):
                 f"per-step shape {list(stored_action)}"
             )
         return obs_types, obs_shapes, declared_action[0]
+
+    def _check_float_frames(self, key: str, n_frames: int = 64) -> None:
+        """Refuse float frames already in [0, 1]: the rgb rule divides float frames by 255 (they are taken as
+        0..255, like the original Push-T's), which would leave these in [0, 0.004] without a word.
+
+        Looks at ``n_frames`` frames spread over the store (a 0..255 dataset whose every one of them is
+        black, max <= 1, would be refused too; converting it loses nothing).
+        """
+        arr = self._store[key]
+        steps = np.unique(np.linspace(0, arr.shape[0] - 1, min(n_frames, arr.shape[0])).astype(np.int64))
+        high = max(float(np.max(np.asarray(arr[i : i + 1]))) for i in steps)
+        if high <= 1.0:
+            raise ValueError(
+                f"rgb key {key!r} of episode store {_store_name(self._store)} holds float values in [0, 1] "
+                f"(max {high:.3g} over {len(steps)} frames); float frames are read as 0..255 and divided by "
+                "255, so these would train on [0, 0.004]: multiply by 255 (or store uint8) first"
+            )
 
     @staticmethod
     def _check_episode_ids(episodes: Sequence[int], n_total: int) -> np.ndarray:
@@ -338,13 +496,16 @@ class SequenceDataset(Dataset):
             obs[key] = torch.from_numpy(np.ascontiguousarray(prepare_obs(frames, obs_type)))
 
         raw_steps = np.arange(first, first + self.horizon)
-        is_pad = (raw_steps < 0) | (raw_steps > length - 1)
         actions = self._read_rows(self.action_key, np.clip(raw_steps, 0, length - 1), base)
-        return {
-            "obs": obs,
-            "action": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)),
-            "action_is_pad": torch.from_numpy(is_pad),
-        }
+        return self._item(obs, actions, raw_steps, length)
+
+    def _item(
+        self, obs: dict[str, torch.Tensor], actions: np.ndarray, raw_steps: np.ndarray, length: Any
+    ) -> dict[str, Any]:
+        item = {"obs": obs, "action": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))}
+        if self.mask_padded_actions:
+            item["action_is_pad"] = torch.from_numpy((raw_steps < 0) | (raw_steps > length - 1))
+        return item
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
         """Windows ``indices`` stacked as a batch: exactly ``default_collate([self[i] for i in indices])``.
@@ -374,13 +535,8 @@ class SequenceDataset(Dataset):
             for key, obs_type in self.obs_types.items()
         }
         raw_steps = first + np.arange(self.horizon)  # (B, H)
-        is_pad = (raw_steps < 0) | (raw_steps > length - 1)
         actions = self._cache[self.action_key][base + np.clip(raw_steps, 0, length - 1)]
-        return {
-            "obs": obs,
-            "action": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)),
-            "action_is_pad": torch.from_numpy(is_pad),
-        }
+        return self._item(obs, actions, raw_steps, length)
 
     def get_normalizer_data(self) -> dict[str, np.ndarray]:
         """All steps of this dataset's episodes as ``(N, D)`` float32, per low-dim obs key and "action".
@@ -405,5 +561,7 @@ class SequenceDataset(Dataset):
         return (
             f"SequenceDataset(n_samples={len(self)}, n_episodes={self.n_episodes}, horizon={self.horizon}, "
             f"n_obs_steps={self.n_obs_steps}, n_action_steps={self.n_action_steps}, "
-            f"pad_after={self.pad_after}, obs={self.obs_types}, cached={self.cache_in_memory})"
+            f"pad_after={self.pad_after}, short_episodes={self.short_episodes!r}, "
+            f"mask_padded_actions={self.mask_padded_actions}, obs={self.obs_types}, "
+            f"cached={self.cache_in_memory})"
         )

@@ -63,7 +63,7 @@ from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import open_training_data
 from diffpolicy.data.normalize import Normalizer
-from diffpolicy.data.sequence import SequenceDataset, split_episodes
+from diffpolicy.data.sequence import SequenceDataset, split_store
 from diffpolicy.files import RunLock
 from diffpolicy.policy import BasePolicy, make_policy, normalizer_spec
 from diffpolicy.tasks import Task, make_task
@@ -156,6 +156,8 @@ def make_dataset(
         episodes=episodes,
         action_key=cfg.data.action_key,
         cache_in_memory=cfg.data.cache_in_memory,
+        short_episodes=cfg.data.short_episodes,
+        mask_padded_actions=cfg.data.mask_padded_actions,
     )
 
 
@@ -388,7 +390,6 @@ class Trainer:
             cfg.data.import_dir or self.run_dir / "imported",
             obs_keys=cfg.data.obs_keys,
             task_shape_meta=self.task.shape_meta() if self.task is not None else None,
-            horizon=cfg.policy.horizon,
             flatten_obs=cfg.data.flatten_obs,
             action_key=cfg.data.action_key,
             image_size=cfg.data.image_size,
@@ -397,9 +398,16 @@ class Trainer:
         if self.world_size > 1 and self.is_main:
             dist.barrier()
         log.info("%s", note)
-        train_ids, val_ids = split_episodes(
-            store.n_episodes, cfg.data.val_ratio, cfg.data.split_seed, cfg.data.max_train_episodes
+        train_ids, val_ids, split_note = split_store(
+            store,
+            cfg.data.val_ratio,
+            cfg.data.split_seed,
+            cfg.data.max_train_episodes,
+            cfg.data.split,
+            horizon=cfg.policy.horizon,
+            short_episodes=cfg.data.short_episodes,
         )
+        log.info("data %s: %s", path, split_note)
         self.train_set = make_dataset(cfg, store, self.shape_meta, train_ids)
         self.val_set = make_dataset(cfg, store, self.shape_meta, val_ids) if len(val_ids) else None
         log.info(

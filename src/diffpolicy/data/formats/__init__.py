@@ -58,7 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMATS = ("episode_store", "lerobot", "robomimic", "minari")
-DEFAULT_FLATTEN = ("observation", "desired_goal")
+# Minari: None flattens goal-style observations (observation + desired_goal) and leaves others as they are
+DEFAULT_FLATTEN: Sequence[str] | None = None
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -135,9 +136,28 @@ def store_shape_meta(store: EpisodeStore, action_key: str = "action") -> dict[st
     return {"obs": obs, "action": {"shape": [int(np.prod(store[action_key].shape[1:]))]}}
 
 
-def _select(shape_meta: dict[str, Any], obs_keys: Sequence[str] | None, where: Path | str) -> dict[str, Any]:
+def _select(
+    shape_meta: dict[str, Any],
+    obs_keys: Sequence[str] | None,
+    where: Path | str,
+    store: EpisodeStore | None = None,
+    action_key: str = "action",
+) -> dict[str, Any]:
+    """``shape_meta`` narrowed to ``obs_keys``; with ``store``, a key the store holds but ``shape_meta`` does
+    not list (e.g. a Minari part that was flattened into ``state``) is described from its array."""
     if not obs_keys:
         return shape_meta
+    shape_meta = json.loads(json.dumps(shape_meta))
+    for key in obs_keys:
+        if store is not None and key not in shape_meta["obs"] and key in store and key != action_key:
+            arr = store[key]
+            spec = obs_spec(key, tuple(arr.shape[1:]), arr.dtype)
+            if spec is None:
+                raise FormatError(
+                    where,
+                    f"data.obs_keys names {key!r} of shape {list(arr.shape[1:])}, neither rgb nor low-dim",
+                )
+            shape_meta["obs"][key] = spec
     missing = [k for k in obs_keys if k not in shape_meta["obs"]]
     if missing:
         raise FormatError(
@@ -154,7 +174,6 @@ def open_training_data(
     *,
     obs_keys: Sequence[str] | None = None,
     task_shape_meta: dict[str, Any] | None = None,
-    horizon: int | None = None,
     flatten_obs: Sequence[str] | None = DEFAULT_FLATTEN,
     action_key: str = "action",
     image_size: Sequence[int] | None = None,
@@ -164,7 +183,8 @@ def open_training_data(
 
     An EpisodeStore is opened as it is; any other format is imported once into ``import_dir`` (see the
     module docstring) and the import is reused while the source is unchanged; ``image_size`` ([H, W])
-    resizes its cameras once at import. Imported data is checked for episodes shorter than ``horizon``.
+    resizes its cameras once at import. A store without episodes is refused here, naming it; episodes
+    shorter than the horizon follow ``data.short_episodes`` in SequenceDataset, whatever the format.
     """
     source = Path(path)
     fmt = detect_format(source)
@@ -178,7 +198,7 @@ def open_training_data(
     else:
         options = {
             "format": fmt,
-            "flatten_obs": list(flatten_obs or []),
+            "flatten_obs": None if flatten_obs is None else list(flatten_obs),
             "image_size": image_size and list(image_size),
         }
         name = source.stem if source.is_file() else source.name
@@ -190,16 +210,13 @@ def open_training_data(
             dataset = read_dataset(source, fmt, flatten_obs=flatten_obs)
             store = import_dataset(dataset, target, progress=progress, image_size=image_size)
             note = f"data {source} ({dataset.format}): imported {store.n_episodes} episodes into {target}"
-        if horizon is not None:
-            lengths = store.episode_lengths
-            short = np.flatnonzero(lengths < horizon)
-            if short.size:
-                listed = ", ".join(f"{int(i)} ({int(lengths[i])} steps)" for i in short[:5])
-                raise FormatError(
-                    source,
-                    f"{short.size} episode(s) are shorter than policy.horizon={horizon}: {listed}"
-                    f"{' ...' if short.size > 5 else ''}; lower policy.horizon or remove those episodes",
-                )
+    if store.n_episodes == 0:
+        what = "EpisodeStore" if fmt == "episode_store" else f"{fmt} dataset"
+        raise FormatError(
+            source,
+            f"the {what} holds no episodes, so there is nothing to train on (was its recording or "
+            "collection stopped before the first episode was saved?)",
+        )
     if task_shape_meta is not None:
         shape_meta = _select(task_shape_meta, obs_keys, source)
         missing = [k for k in [*shape_meta["obs"], action_key] if k not in store]
@@ -208,7 +225,7 @@ def open_training_data(
                 source, f"the task needs {missing}, which the dataset lacks; it has {store.keys}"
             )
     else:
-        shape_meta = _select(store_shape_meta(store, action_key), obs_keys, source)
+        shape_meta = _select(store_shape_meta(store, action_key), obs_keys, source, store, action_key)
         note += f"; shape_meta from the dataset: {json.dumps(shape_meta)}"
     return store, shape_meta, note
 

@@ -6,10 +6,18 @@ JPEG-encoded images all work); nothing is downloaded.
 
 Observations: a ``Dict`` space gives one store key per part (nested parts joined with ``_``), a ``Box``
 space the key ``obs``. Minari stores T+1 observations for T actions (the last one follows the final
-action); the last is dropped so every step pairs the observation seen with the action taken. With
-``flatten`` (default ``observation`` + ``desired_goal``, as seed 000 does for PointMaze) those parts are
-also concatenated, in that order, into one low-dim key ``state``, and ``shape_meta`` holds only ``state``;
-the parts stay in the store for ``data.obs_keys``. ``flatten=[]`` keeps every part as its own input.
+action); the last is dropped so every step pairs the observation seen with the action taken.
+
+``flatten`` names vector parts to concatenate, in that order, into one low-dim key ``state``:
+
+* ``None`` (default): goal-style data (a dict with ``observation`` and ``desired_goal``, as PointMaze;
+  seed 000 trains on those two) flattens ``observation`` + ``desired_goal``; any other dataset trains as
+  it is (a Box observation as ``obs``, a dict as its parts);
+* ``[]``: every part is its own input; a list: those parts (each must exist).
+
+After flattening, ``shape_meta`` holds ``state`` and every camera (an image cannot be concatenated);
+the other parts (e.g. ``achieved_goal``, which repeats the position) stay in the store, and
+``data.obs_keys`` may name any of them, flattened or not.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from diffpolicy.data.formats.base import (
 __all__ = ["read_minari"]
 
 FLATTEN_KEY = "state"
+GOAL_PARTS = ("observation", "desired_goal")  # goal-style dict observations flatten these by default
 
 
 def _data_dir(path: Path) -> Path:
@@ -54,31 +63,58 @@ def _flat_parts(obs: Any, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def read_minari(
-    path: str | os.PathLike, flatten: Sequence[str] | None = ("observation", "desired_goal")
-) -> ForeignDataset:
+def _hdf5_without_episodes(path: Path) -> bool:
+    """Whether ``path`` opens as HDF5 and holds no ``episode_*`` group (an empty dataset file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return not any(name.startswith("episode_") for name in f)
+    except OSError:
+        return False
+
+
+def read_minari(path: str | os.PathLike, flatten: Sequence[str] | None = None) -> ForeignDataset:
     """Describe a local Minari dataset for import (see the module docstring for keys and flattening)."""
     minari = require("minari")
     gym_spaces = require("gymnasium.spaces")
     root = _data_dir(Path(path))
     data_file = root / "main_data.hdf5"
     where = data_file if data_file.exists() else root
+    if data_file.is_file() and data_file.stat().st_size == 0:
+        raise FormatError(
+            data_file, "the file is empty (0 bytes): the dataset was never written, or truncated"
+        )
     try:
         dataset = minari.MinariDataset(root)
+        if dataset.total_episodes == 0:
+            raise FormatError(where, "holds no episodes (the metadata lists none)")
         lengths = [
             int(m["total_steps"]) for m in dataset.storage.get_episode_metadata(dataset.episode_indices)
         ]
         first = next(dataset.iterate_episodes())
-    except (OSError, KeyError, ValueError, StopIteration) as e:
+    except FormatError:
+        raise
+    except (OSError, KeyError, ValueError, StopIteration, AssertionError) as e:
+        if data_file.is_file() and _hdf5_without_episodes(data_file):
+            raise FormatError(data_file, "holds no episodes (no episode_* groups)") from None
         raise FormatError(where, f"cannot read the Minari dataset (corrupt or incomplete?): {e!r}") from None
     if not isinstance(dataset.action_space, gym_spaces.Box):
         raise FormatError(
             root / "metadata.json", f"action space {dataset.action_space} is not a Box (continuous)"
         )
     parts = _flat_parts(first.observations)
-    flatten = [k for k in (flatten or [])]
+    if flatten is None:
+        flatten = list(GOAL_PARTS) if all(k in parts for k in GOAL_PARTS) else []
+    flatten = list(flatten)
+    if flatten and FLATTEN_KEY in parts:
+        raise FormatError(
+            root / "metadata.json",
+            f"an observation part is already named {FLATTEN_KEY!r}; flatten_obs=[] keeps the parts as "
+            "they are",
+        )
     missing = [k for k in flatten if k not in parts]
-    if missing and flatten:
+    if missing:
         raise FormatError(
             root / "metadata.json",
             f"observation parts {missing} to flatten are missing (missing features); has {sorted(parts)}",
@@ -99,7 +135,8 @@ def read_minari(
                 root / "metadata.json", f"observation parts {bad} are not vectors; cannot flatten them"
             )
         shape_meta_obs = {
-            FLATTEN_KEY: {"shape": [sum(obs_meta[k]["shape"][0] for k in flatten)], "type": "low_dim"}
+            FLATTEN_KEY: {"shape": [sum(obs_meta[k]["shape"][0] for k in flatten)], "type": "low_dim"},
+            **{k: m for k, m in obs_meta.items() if m["type"] == "rgb"},
         }
     else:
         shape_meta_obs = obs_meta

@@ -11,7 +11,9 @@ Demos are read in robomimic's order (by the number after ``demo_``). Store keys 
 keys unchanged, plus ``action``. ``shape_meta`` is inferred from the arrays: (H, W, C) uint8 (or any key
 named ``*image*``) is ``rgb``, vectors are ``low_dim``; anything else (e.g. float depth maps) is skipped
 and listed in the store's ``source.skipped``. The fps is robosuite's ``control_freq`` from ``env_args``;
-the ``mask/*`` split and ``env_args`` are kept in the store's attrs (``source.splits``, ``source.env_args``).
+the ``mask/*`` split and ``env_args`` are kept in the store's attrs (``source.splits`` as episode ids,
+``source.env_args``). Training splits by ``mask/train`` / ``mask/valid`` (``data.split=auto``, see
+``diffpolicy.data.sequence.split_store``).
 """
 
 from __future__ import annotations
