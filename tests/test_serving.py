@@ -162,7 +162,9 @@ def test_stopped_server_refuses_cleanly(checkpoint):
 
 
 def test_cli_serve_stops_on_sigterm(checkpoint):
+    """Also: the token comes from the environment (kept out of the process list) and is enforced."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
+    env[TOKEN_ENV] = "t0ken"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -185,7 +187,12 @@ def test_cli_serve_stops_on_sigterm(checkpoint):
         line = proc.stdout.readline()
         assert "serving" in line, line
         address = line.split(" on ")[1].split()[0]
-        with PolicyClient(address, timeout=20) as client:
+        with (
+            PolicyClient(address, timeout=20, token="") as client,
+            pytest.raises(PolicyServerError, match="UNAUTHENTICATED"),
+        ):
+            client.predict(obs_batch(B=1))
+        with PolicyClient(address, timeout=20, token="t0ken") as client:
             assert client.predict(obs_batch(B=1)).action.shape == (1, 8, 2)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
@@ -553,3 +560,24 @@ def test_open_binds_without_a_token_are_warned_about():
     for host in ("0.0.0.0", "[::]", "192.168.1.20", "robot.local"):
         warning = open_bind_warning(host, None)
         assert warning is not None and "--token" in warning and host in warning
+
+
+# ----- eval --remote reports ------------------------------------------------------------------------------
+
+
+def test_cli_eval_remote_never_overwrites_a_report(served, tmp_path, monkeypatch, capsys):
+    from diffpolicy.cli import main
+
+    server, _, _ = served
+    monkeypatch.chdir(tmp_path)
+    common = ["--remote", server.address, "--episodes", "1", "eval.n_envs=1", "eval.max_steps=4"]
+    assert main(["eval", *common]) == 0
+    assert main(["eval", *common]) == 0  # within the same second: still a new folder
+    reports = sorted(tmp_path.glob("runs/*/report.json"))
+    assert len(reports) == 2, reports
+    out = tmp_path / "mine"
+    assert main(["eval", *common, "--out", str(out)]) == 0
+    before = (out / "report.json").read_text()
+    assert main(["eval", *common, "--out", str(out)]) == 2
+    assert "already holds a report" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == before
