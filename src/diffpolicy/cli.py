@@ -181,7 +181,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     policy, _ = load_policy(args.checkpoint)
     out = Path(args.out or Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-torchscript")
-    export_policy(policy, out)
+    inside = _checkpoint_folder_around(out.resolve())
+    if inside is not None:
+        raise ConfigError(
+            f"--out {out} lies inside the checkpoint folder {inside}, which the next save replaces: choose "
+            "a folder outside it"
+        )
+    export_policy(policy, out, overwrite=args.overwrite)
     exported = ExportedPolicy(out)
     obs = example_obs(policy.shape_meta, policy.n_obs_steps, batch=4)
     ref = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
@@ -455,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", help="export folder (default <checkpoint>-torchscript beside it)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max |action difference| accepted")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
