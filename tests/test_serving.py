@@ -581,3 +581,13 @@ def test_cli_eval_remote_never_overwrites_a_report(served, tmp_path, monkeypatch
     assert main(["eval", *common, "--out", str(out)]) == 2
     assert "already holds a report" in capsys.readouterr().err
     assert (out / "report.json").read_text() == before
+
+
+def test_cli_eval_remote_refuses_sampler_overrides(capsys):
+    """The sampler is the server's (diffpolicy serve eval.sampler=...): --remote refuses these overrides
+    rather than ignore them."""
+    from diffpolicy.cli import main
+
+    assert main(["eval", "--remote", "127.0.0.1:9", "eval.sampler=ddim", "eval.n_envs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "['eval.sampler=ddim']" in err and "diffpolicy serve" in err

@@ -136,6 +136,13 @@ def eval_output_dir(checkpoint: str | Path | None, out: str | None, remote: str 
     return path
 
 
+# eval.* settings that configure_inference applies to the policy itself: a served policy's are the server's
+_SERVER_SIDE = tuple(
+    f"eval.{k}"
+    for k in ("sampler", "num_inference_steps", "timestep_spacing", "noise_scale", "precision", "compile")
+)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.config import with_overrides
     from diffpolicy.evaluation import evaluate
@@ -147,6 +154,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.remote and args.checkpoint:
         raise ConfigError("diffpolicy eval takes --checkpoint or --remote, not both")
     if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
+        sampling = [o for o in args.overrides if o.split("=", 1)[0] in _SERVER_SIDE]
+        if sampling:
+            raise ConfigError(
+                f"eval --remote cannot change how the server samples: {sampling} belong to "
+                "`diffpolicy serve --checkpoint ... eval.sampler=...`"
+            )
         from diffpolicy.config import from_dict
         from diffpolicy.serving.client import PolicyClient, RemotePolicy
 
