@@ -58,9 +58,27 @@ def test_rejects_what_it_cannot_export(tmp_path):
         ExportedPolicy(tmp_path)
 
 
-def test_cli_export(tmp_path, capsys):
+def test_cli_export_never_replaces_a_folder_silently(tmp_path, capsys):
+    """An export goes where the docs say (<checkpoint>-torchscript beside the checkpoint); a second export
+    there, or into a folder holding anything else, is refused and leaves the folder as it was; --overwrite
+    replaces an earlier export only."""
     policy = build().eval()
     path = save_checkpoint(tmp_path / "ckpt", policy, tiny_config())
-    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "ts")]) == 0
+    assert main(["export", "--checkpoint", str(path)]) == 0
     assert "max |action - PyTorch| = 0" in capsys.readouterr().out
-    assert (tmp_path / "ts" / "noise_net.pt").exists()
+    out = tmp_path / "ckpt-torchscript"
+    before = (out / "noise_net.pt").read_bytes()
+    assert main(["export", "--checkpoint", str(path)]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert (out / "noise_net.pt").read_bytes() == before
+    assert main(["export", "--checkpoint", str(path), "--overwrite"]) == 0
+    agree(policy, ExportedPolicy(out), batch(B=2)["obs"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a diffpolicy export"):
+        export_policy(policy, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert main(["export", "--checkpoint", str(path), "--out", str(path / "ts")]) == 2
+    assert "inside the checkpoint folder" in capsys.readouterr().err

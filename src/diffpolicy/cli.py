@@ -10,6 +10,8 @@ import argparse
 import errno
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -93,12 +95,15 @@ def _checkpoint_folder_around(path: Path) -> Path | None:
     return None
 
 
-def eval_output_dir(checkpoint: str | Path, out: str | None) -> Path:
+def eval_output_dir(checkpoint: str | Path | None, out: str | None, remote: str | None = None) -> Path:
     """Where `diffpolicy eval` writes its report: `out`, or beside the run's checkpoints — never inside a
-    checkpoint folder, which the next save replaces (and deletes what was written there).
+    checkpoint folder, which the next save replaces (and deletes what was written there), and never over
+    an earlier report.
 
     `<run>/checkpoints/<name...>` -> `<run>/eval_checkpoints/<name...>-<time>`; a checkpoint elsewhere ->
-    `<checkpoint>-eval-<time>` beside it. The time stamp keeps earlier reports."""
+    `<checkpoint>-eval-<time>` beside it; a served policy (`remote`, host:port) ->
+    `runs/eval-remote-<host>_<port>-<time>`. The time stamp (and a -2, -3... suffix within one second)
+    keeps earlier reports; an `out` that already holds one is refused."""
     if out:
         inside = _checkpoint_folder_around(Path(out).resolve())
         if inside is not None:
@@ -106,15 +111,36 @@ def eval_output_dir(checkpoint: str | Path, out: str | None) -> Path:
                 f"--out {out} lies inside the checkpoint folder {inside}, which the next save replaces "
                 "(deleting the report): choose a folder outside it"
             )
+        if (Path(out) / "report.json").exists():
+            raise FileExistsError(
+                f"--out {out} already holds a report (report.json): choose another folder, or move that "
+                "report away first"
+            )
         return Path(out)
-    ckpt = Path(checkpoint)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    parts = ckpt.resolve().parts
-    if "checkpoints" in parts[:-1]:
-        i = len(parts) - 1 - parts[::-1].index("checkpoints")
-        run = Path(*parts[:i])
-        return run / "eval_checkpoints" / f"{'_'.join(parts[i + 1 :])}-{stamp}"
-    return ckpt.parent / f"{ckpt.name}-eval-{stamp}"
+    if remote is not None:
+        base = Path("runs") / f"eval-remote-{re.sub(r'[^A-Za-z0-9.-]+', '_', remote)}-{stamp}"
+    else:
+        ckpt = Path(checkpoint)
+        parts = ckpt.resolve().parts
+        if "checkpoints" in parts[:-1]:
+            i = len(parts) - 1 - parts[::-1].index("checkpoints")
+            run = Path(*parts[:i])
+            base = run / "eval_checkpoints" / f"{'_'.join(parts[i + 1 :])}-{stamp}"
+        else:
+            base = ckpt.parent / f"{ckpt.name}-eval-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+# eval.* settings that configure_inference applies to the policy itself: a served policy's are the server's
+_SERVER_SIDE = tuple(
+    f"eval.{k}"
+    for k in ("sampler", "num_inference_steps", "timestep_spacing", "noise_scale", "precision", "compile")
+)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -125,7 +151,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.training.trainer import resolve_device
 
     _only_eval_overrides("eval", args.overrides)
+    if args.remote and args.checkpoint:
+        raise ConfigError("diffpolicy eval takes --checkpoint or --remote, not both")
     if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
+        sampling = [o for o in args.overrides if o.split("=", 1)[0] in _SERVER_SIDE]
+        if sampling:
+            raise ConfigError(
+                f"eval --remote cannot change how the server samples: {sampling} belong to "
+                "`diffpolicy serve --checkpoint ... eval.sampler=...`"
+            )
         from diffpolicy.config import from_dict
         from diffpolicy.serving.client import PolicyClient, RemotePolicy
 
@@ -141,15 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
     if not cfg.task.name:
-        raise ConfigError(
-            f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
-        )
+        raise ConfigError(f"{label} was trained on a dataset without a task: no simulator to evaluate it in")
     task = make_task(cfg.task.name, **cfg.task.kwargs)
-    out = (
-        eval_output_dir(args.checkpoint, args.out)
-        if args.checkpoint
-        else Path(args.out or "runs/eval-remote")
-    )
+    out = eval_output_dir(args.checkpoint, args.out, args.remote)
     report = evaluate(policy, task, cfg.eval, out, label=label)
     _print_summary(report, out)
     if args.remote:
@@ -166,7 +194,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     policy, _ = load_policy(args.checkpoint)
     out = Path(args.out or Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-torchscript")
-    export_policy(policy, out)
+    inside = _checkpoint_folder_around(out.resolve())
+    if inside is not None:
+        raise ConfigError(
+            f"--out {out} lies inside the checkpoint folder {inside}, which the next save replaces: choose "
+            "a folder outside it"
+        )
+    export_policy(policy, out, overwrite=args.overwrite)
     exported = ExportedPolicy(out)
     obs = example_obs(policy.shape_meta, policy.n_obs_steps, batch=4)
     ref = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
@@ -199,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffpolicy.config import to_dict, with_overrides
     from diffpolicy.evaluation import configure_inference
     from diffpolicy.policy import load_policy
-    from diffpolicy.serving.server import PolicyServer
+    from diffpolicy.serving.server import TOKEN_ENV, PolicyServer
     from diffpolicy.training.trainer import resolve_device
 
     _only_eval_overrides("serve", args.overrides)
@@ -214,6 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms,
         seed=args.seed,
+        max_queue=args.max_queue,
+        token=args.token or os.environ.get(TOKEN_ENV),
     ).start()
     print(f"serving {args.checkpoint} on {server.address} (Ctrl+C or SIGTERM stops)", flush=True)
     server.serve_until_signal(args.max_seconds)
@@ -398,11 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint in closed loop")
     p.add_argument("--checkpoint", help="checkpoint folder (or --remote)")
     p.add_argument(
-        "--remote", metavar="HOST:PORT", help="evaluate the policy served there (diffpolicy serve)"
+        "--remote",
+        metavar="HOST:PORT",
+        help="evaluate the policy served there (diffpolicy serve; token: $DIFFPOLICY_SERVE_TOKEN)",
     )
     p.add_argument("--episodes", type=int)
     p.add_argument(
-        "--out", help="report folder (default <run>/eval_checkpoints/<checkpoint>-<time>, never inside it)"
+        "--out",
+        help="report folder, not one holding a report (default <run>/eval_checkpoints/<checkpoint>-<time>, "
+        "never inside it; --remote: runs/eval-remote-<host>_<port>-<time>)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
@@ -413,8 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-batch", type=int, default=64, help="most rows stacked into one policy call")
+    p.add_argument(
+        "--max-batch", type=int, default=64, help="most rows in one policy call, and in one request"
+    )
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more")
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="requests waiting before new ones are refused (busy)"
+    )
+    p.add_argument(
+        "--token",
+        help="shared token clients must send (default: $DIFFPOLICY_SERVE_TOKEN; the variable keeps it out "
+        "of the process list)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by mixed batches")
     p.add_argument("--max-seconds", type=float, help="stop by itself after this long")
     p.add_argument("overrides", nargs="*", help="eval.* inference overrides, e.g. eval.sampler=ddim")
@@ -424,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", help="export folder (default <checkpoint>-torchscript beside it)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max |action difference| accepted")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

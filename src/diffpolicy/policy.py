@@ -84,6 +84,19 @@ def check_observation_shapes(obs: dict[str, Any], obs_meta: dict[str, Any], n_ob
     return batch
 
 
+def check_camera_range(obs: dict[str, Any], obs_meta: dict[str, Any]) -> None:
+    """Check that camera frames (numpy arrays or tensors) are floats in [0, 1], as the policy takes them;
+    raises ObservationMismatch naming the key and the range found."""
+    for key, meta in obs_meta.items():
+        if meta.get("type", "low_dim") == "rgb":
+            lo, hi = float(obs[key].min()), float(obs[key].max())
+            if lo < 0.0 or hi > 1.0 + 1e-3:
+                raise ObservationMismatch(
+                    f"camera observation '{key}' has values in [{lo:.4g}, {hi:.4g}]; the policy takes "
+                    "float frames in [0, 1] (divide 0..255 frames by 255)"
+                )
+
+
 def make_scheduler(
     cfg: NoiseSchedulerConfig, sampler: str | None = None, consistency: ConsistencyConfig | None = None
 ) -> DDPMScheduler | DDIMScheduler | LCMScheduler:
@@ -229,14 +242,7 @@ class BasePolicy(nn.Module):
                     "move it with .to(policy.device)"
                 )
         check_observation_shapes(obs, self.shape_meta["obs"], self.n_obs_steps)
-        for key, meta in self.shape_meta["obs"].items():
-            if meta.get("type", "low_dim") == "rgb":  # NaN anywhere is caught on the actions (check_actions)
-                lo, hi = (float(v) for v in torch.aminmax(obs[key]))
-                if lo < 0.0 or hi > 1.0 + 1e-3:
-                    raise ObservationMismatch(
-                        f"camera observation '{key}' has values in [{lo:.4g}, {hi:.4g}]; the policy takes "
-                        "float frames in [0, 1] (divide 0..255 frames by 255)"
-                    )
+        check_camera_range(obs, self.shape_meta["obs"])  # NaN is caught on the actions (check_actions)
 
     def global_cond(self, features: torch.Tensor) -> torch.Tensor:
         """The condition the noise net expects: flat (B, To*F) for the U-Net, tokens for the transformer."""

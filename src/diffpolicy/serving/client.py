@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -12,12 +13,13 @@ import grpc
 import numpy as np
 import torch
 
-from diffpolicy.serving.server import GRPC_OPTIONS, SERVICE, ObservationMismatch
+from diffpolicy.serving.server import GRPC_OPTIONS, MAX_SEED, SERVICE, TOKEN_ENV, ObservationMismatch
 from diffpolicy.serving.wire import decode, encode
 
 
 class PolicyServerError(RuntimeError):
-    """The server failed to answer (unreachable, shutting down, deadline passed, or the policy raised)."""
+    """The server failed to answer (unreachable, shutting down, busy, deadline passed, token refused, or the
+    policy raised)."""
 
 
 @dataclass
@@ -29,12 +31,17 @@ class PolicyReply:
 
 
 class PolicyClient:
-    """Talks to a `diffpolicy serve` server at host:port. `session` names this client's noise stream."""
+    """Talks to a `diffpolicy serve` server at host:port. `session` names this client's noise stream;
+    `token` is the server's shared token (default: the DIFFPOLICY_SERVE_TOKEN environment variable)."""
 
-    def __init__(self, address: str, timeout: float = 30.0, session: str | None = None) -> None:
+    def __init__(
+        self, address: str, timeout: float = 30.0, session: str | None = None, token: str | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.session = session or uuid.uuid4().hex
+        token = os.environ.get(TOKEN_ENV) if token is None else token
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
         self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._info = self.channel.unary_unary(f"/{SERVICE}/Info")
         self._predict = self.channel.unary_unary(f"/{SERVICE}/Predict")
@@ -42,7 +49,7 @@ class PolicyClient:
 
     def _call(self, method: Any, payload: bytes) -> bytes:
         try:
-            return method(payload, timeout=self.timeout)
+            return method(payload, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ObservationMismatch(e.details()) from None
@@ -51,7 +58,8 @@ class PolicyClient:
             ) from None
 
     def info(self) -> dict[str, Any]:
-        """The served policy's shape_meta, n_obs_steps, horizon, n_action_steps and run config (cached)."""
+        """The served policy's shape_meta, n_obs_steps, horizon, n_action_steps, action_dim, sampler, and
+        `run`: the run's name, task and eval settings (cached)."""
         if self._meta is None:
             self._meta, _ = decode(self._call(self._info, encode({})))
         return self._meta
@@ -60,6 +68,8 @@ class PolicyClient:
         """An action chunk for obs {key: (B, >= n_obs_steps, *shape)}; `seed` restarts the session noise."""
         meta: dict[str, Any] = {"session": self.session}
         if seed is not None:
+            if not 0 <= int(seed) < MAX_SEED:
+                raise ValueError(f"seed {seed} is not in [0, 2**64)")
             meta["seed"] = int(seed)
         t0 = time.perf_counter()
         reply, arrays = decode(self._call(self._predict, encode(meta, obs)))

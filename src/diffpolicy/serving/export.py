@@ -1,7 +1,7 @@
 """Export a diffusion policy to TorchScript: observation encoder and noise network as traced modules,
 with the sampling loop kept in Python around them (the diffusers scheduler the policy samples with).
 
-    <export>/
+    <export>/             `diffpolicy export`: <checkpoint>-torchscript beside the checkpoint, or --out
       encoder.pt          TorchScript: obs tensors (in `obs_keys` order) -> the noise net's condition
                           (normalization included)
       noise_net.pt        TorchScript: (sample (B, H, Da), timestep (0-d long), condition) -> net output
@@ -23,6 +23,7 @@ consistency students.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ import diffusers
 import torch
 from torch import nn
 
+from diffpolicy.files import fsync_dir, make_temp_dir
 from diffpolicy.policy import DiffusionPolicy
 
 
@@ -85,8 +87,12 @@ def example_obs(shape_meta: dict[str, Any], n_obs_steps: int, batch: int = 2) ->
     return out
 
 
-def export_policy(policy: DiffusionPolicy, out: str | Path) -> Path:
-    """Trace `policy`'s encoder, noise net and action unnormalization into TorchScript files under `out`."""
+def export_policy(policy: DiffusionPolicy, out: str | Path, overwrite: bool = False) -> Path:
+    """Trace `policy`'s encoder, noise net and action unnormalization into TorchScript files under `out`.
+
+    The files are written to a temporary folder beside `out` and renamed into place, so a failed export
+    leaves `out` as it was. An `out` that holds files is refused (FileExistsError), except an earlier
+    export when `overwrite` is set."""
     if type(policy) is not DiffusionPolicy:
         raise ValueError(f"export supports DiffusionPolicy, not {type(policy).__name__}")
     if not policy.cfg.obs_as_global_cond:
@@ -94,7 +100,36 @@ def export_policy(policy: DiffusionPolicy, out: str | Path) -> Path:
     if getattr(policy, "precision", "fp32") != "fp32":
         raise ValueError("export traces fp32 networks; export before choosing bf16")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (out / "export.json").is_file():
+            raise FileExistsError(
+                f"{out} exists and is not a diffpolicy export: choose a new or empty folder (nothing was "
+                "written)"
+            )
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds an export: --overwrite (overwrite=True) replaces it")
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        _write_export(policy, tmp)
+        if out.exists():
+            old = make_temp_dir(out.parent, f".{out.name}.old-")
+            out.rename(old / out.name)
+            try:
+                tmp.rename(out)
+            except OSError:
+                (old / out.name).rename(out)  # the earlier export stays
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_export(policy: DiffusionPolicy, out: Path) -> None:
+    """The export files of `policy` in the existing folder `out`."""
     policy = policy.eval()
     keys = list(policy.shape_meta["obs"])
     obs = example_obs(policy.shape_meta, policy.n_obs_steps)
@@ -122,7 +157,6 @@ def export_policy(policy: DiffusionPolicy, out: str | Path) -> Path:
         "noise_scale": float(getattr(policy, "noise_scale", 1.0)),
     }
     (out / "export.json").write_text(json.dumps(meta, indent=2))
-    return out
 
 
 class ExportedPolicy:
