@@ -334,3 +334,35 @@ def test_cameras_resized_once_at_import(folder, store, tmp_path):
     assert other.path != imported.path and "imported" in note
     _, _, note = open_training_data(folder, tmp_path / "imports", image_size=[8, 12])
     assert "reusing the import" in note
+
+
+# ------------------------------------------------------------------------------------ LeRobot's own rules
+QUANTILES = ("q01", "q10", "q50", "q90", "q99")  # the quantiles lerobot 0.6 writes for every feature
+
+
+def test_stats_keep_the_features_last_axis_as_lerobot_does(tmp_path):
+    """LeRobot reduces a feature's stats over every axis but the last (its get_feature_stats feeds
+    RunningQuantileStats (-1, D) rows): Push-T's (9, 2) keypoints get (2,) stats, not (18,), or
+    `lerobot-train` fails on "size of tensor a (2) must match ... (18)". Images get (3, 1, 1) in [0, 1]."""
+    store = _pusht_like_store(tmp_path / "pusht.zarr")
+    folder = write_lerobot(store, tmp_path / "pusht_lerobot", progress=False)
+    stats = json.loads((folder / "meta" / "stats.json").read_text())
+    keypoint = stats["observation.keypoint"]
+    assert set(keypoint) == {"min", "max", "mean", "std", "count", *QUANTILES}
+    rows = store["keypoint"][:].reshape(-1, 2).astype(np.float64)
+    for name in ("min", "max", "mean", "std"):
+        np.testing.assert_allclose(keypoint[name], getattr(rows, name)(0), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(keypoint["q50"], np.median(rows, 0), rtol=1e-6)
+    assert keypoint["count"] == [store.n_steps]  # frames, not frames x 9
+    assert np.shape(stats["observation.n_contacts"]["mean"]) == (1,)
+    assert np.shape(stats["action"]["q99"]) == (2,)
+    episodes = pq.read_table(folder.joinpath(*EPISODES)).to_pylist()
+    first = store["keypoint"][: episodes[0]["length"]].reshape(-1, 2)
+    np.testing.assert_allclose(episodes[0]["stats/observation.keypoint/mean"], first.mean(0), rtol=1e-6)
+    assert episodes[0]["stats/observation.keypoint/count"] == [episodes[0]["length"]]
+
+    cameras = write_lerobot(tiny_store(tmp_path / "cams.zarr"), tmp_path / "cams", fps=30, progress=False)
+    top = json.loads((cameras / "meta" / "stats.json").read_text())["observation.images.top"]
+    assert set(top) == {"min", "max", "mean", "std", "count", *QUANTILES}
+    assert all(np.shape(top[k]) == (3, 1, 1) for k in top if k != "count")
+    assert 0 <= np.min(top["q01"]) <= np.max(top["q99"]) <= 1

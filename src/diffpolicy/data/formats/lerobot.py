@@ -3,7 +3,7 @@
 v3.0 layout (many episodes per file; what :func:`write_lerobot` writes)::
 
     meta/info.json                 codebase_version, fps, features, data_path, video_path, chunks_size, ...
-    meta/stats.json                per feature: min, max, mean, std, count, q01, q99
+    meta/stats.json                per feature: min, max, mean, std, count, q01, q10, q50, q90, q99
     meta/tasks.parquet             task_index, indexed by the task string
     meta/episodes/chunk-000/file-000.parquet
                                    per episode: episode_index, tasks, length, data/chunk_index,
@@ -34,6 +34,12 @@ their 2-D shape in info.json. Data and video files roll over at ~100 MB of raw f
 yuv420p (yuv444p when a side is odd), CRF 18, a keyframe every 2 frames (as LeRobot's encoder, for fast
 seeking). Measured on the smooth 16x16 test images: mean absolute error below 2 uint8 levels per pixel
 (the round-trip test asserts <= 3).
+
+Stats (``meta/stats.json`` and each episode's ``stats/<feature>/<stat>``) follow LeRobot's own rules, so
+its loader, aggregation and normalizers accept them: numeric features are reduced over every axis but the
+last (Push-T's (9, 2) keypoints get (2,) stats; ``count`` is the number of frames); cameras get per-channel
+(3, 1, 1) stats of pixels scaled to [0, 1], from all frames. ``scripts/check_lerobot_export.py`` checks an
+export with lerobot's own code.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from diffpolicy.data.formats.base import (
     FormatError,
     atomic_folder,
     check_finite,
+    image_histogram,
     image_stats,
     low_dim_stats,
     require,
@@ -559,7 +566,7 @@ def _write_v3(
     features: dict[str, Any] = {}
     episode_rows: list[dict[str, Any]] = []
     sums: dict[str, list[np.ndarray]] = {k: [] for k in low_keys}
-    image_acc: dict[str, list[dict[str, Any]]] = {k: [] for k in image_keys}
+    histograms: dict[str, np.ndarray] = {}  # camera -> (C, 256) counts over the dataset
     pix_fmts: dict[str, str] = {}
     chunk, file_index = 0, 0
     buffer: dict[str, list[np.ndarray]] = {}
@@ -627,9 +634,9 @@ def _write_v3(
                 row[f"videos/{feature}/file_index"] = file_index
                 row[f"videos/{feature}/from_timestamp"] = offset / fps
                 row[f"videos/{feature}/to_timestamp"] = (offset + n) / fps
-                s = image_stats(ep[k])
-                image_acc[k].append(s)
-                for stat, value in s.items():
+                hist = image_histogram(ep[k])
+                histograms[k] = histograms[k] + hist if k in histograms else hist
+                for stat, value in image_stats(hist, n).items():
                     row[f"stats/{feature}/{stat}"] = value
             for k in low_keys:
                 for stat, value in low_dim_stats(ep[k]).items():
@@ -677,8 +684,8 @@ def _write_v3(
     pq.write_table(pa.Table.from_pylist(episode_rows), path)
     pq.write_table(_tasks_table([task]), meta / "tasks.parquet")
     stats: dict[str, Any] = {name_of[k]: low_dim_stats(np.concatenate(v)) for k, v in sums.items()}
-    for k, per_episode in image_acc.items():
-        stats[name_of[k]] = _merge_image_stats(per_episode)
+    for k, hist in histograms.items():
+        stats[name_of[k]] = image_stats(hist, store.n_steps)
     n_steps = store.n_steps
     stats["index"] = low_dim_stats(np.arange(n_steps)[:, None])
     stats["episode_index"] = low_dim_stats(
@@ -708,20 +715,3 @@ def _write_v3(
         "features": features,
     }
     (meta / "info.json").write_text(json.dumps(info, indent=4))
-
-
-def _merge_image_stats(per_episode: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dataset image stats from per-episode ones (count-weighted mean / variance, global min / max)."""
-    counts = np.array([s["count"][0] for s in per_episode], dtype=np.float64)
-    mean = np.array([s["mean"] for s in per_episode])
-    var = np.array([s["std"] for s in per_episode]) ** 2
-    w = (counts / counts.sum())[:, None, None, None]
-    total_mean = (w * mean).sum(0)
-    total_var = (w * (var + (mean - total_mean) ** 2)).sum(0)
-    return {
-        "min": np.min([s["min"] for s in per_episode], axis=0).tolist(),
-        "max": np.max([s["max"] for s in per_episode], axis=0).tolist(),
-        "mean": total_mean.tolist(),
-        "std": np.sqrt(total_var).tolist(),
-        "count": [int(counts.sum())],
-    }
