@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,6 +339,7 @@ def test_cameras_resized_once_at_import(folder, store, tmp_path):
 
 # ------------------------------------------------------------------------------------ LeRobot's own rules
 QUANTILES = ("q01", "q10", "q50", "q90", "q99")  # the quantiles lerobot 0.6 writes for every feature
+FIXTURE = Path(__file__).parent / "data" / "lerobot_v30_tiny"  # written by lerobot 0.6.1 itself
 
 
 def test_stats_keep_the_features_last_axis_as_lerobot_does(tmp_path):
@@ -366,3 +368,20 @@ def test_stats_keep_the_features_last_axis_as_lerobot_does(tmp_path):
     assert set(top) == {"min", "max", "mean", "std", "count", *QUANTILES}
     assert all(np.shape(top[k]) == (3, 1, 1) for k in top if k != "count")
     assert 0 <= np.min(top["q01"]) <= np.max(top["q99"]) <= 1
+
+
+def test_reads_a_dataset_written_by_lerobot(tmp_path):
+    """A folder written by lerobot 0.6.1 itself (scripts/make_lerobot_fixture.py: its default AV1 codec,
+    (9, 2) keypoints, three tasks): the import equals what LeRobot's own loader returned, frame for frame
+    (measured: every pixel identical; AV1 decoding is bit-exact by specification)."""
+    expected = np.load(FIXTURE.with_suffix(".npz"))
+    assert str(expected["video_codec"]) == "av1"
+    before = tree_hash(FIXTURE)
+    store = import_dataset(read_dataset(FIXTURE), tmp_path / "tiny.zarr", progress=False)
+    assert store.episode_lengths.tolist() == [12, 9, 14]
+    np.testing.assert_array_equal(store["top"][:], expected["observation_images_top"])
+    for key in ("state", "environment_state"):
+        np.testing.assert_array_equal(store[key][:], expected[f"observation_{key}"])
+    np.testing.assert_array_equal(store["action"][:], expected["action"])
+    np.testing.assert_array_equal(store["next_reward"][:, 0], expected["next_reward"])
+    assert tree_hash(FIXTURE) == before
