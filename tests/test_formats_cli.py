@@ -57,3 +57,26 @@ def test_robomimic_to_lerobot_uses_control_freq(tmp_path, capsys):
     assert EpisodeStore.open(small)["agentview_image"].shape == (39, 8, 8, 3)
     assert main(["dataset", "info", str(tmp_path / "nothing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_info_reports_a_missing_data_file_and_a_wrong_shape(tmp_path, capsys):
+    store = tiny_store(tmp_path / "a.zarr")
+    store.attrs["fps"] = 15
+    folder = tmp_path / "le"
+    assert main(["dataset", "convert", str(tmp_path / "a.zarr"), str(folder), "--quiet"]) == 0
+    capsys.readouterr()
+    info_path = folder / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.state"]["shape"] = [2, 2]
+    info_path.write_text(json.dumps(info))
+    assert main(["dataset", "info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "info.json" in err and "'observation.state'" in err and "[2, 2]" in err and "[4]" in err, err
+
+    info["features"]["observation.state"]["shape"] = [4]
+    info_path.write_text(json.dumps(info))
+    data = folder / "data" / "chunk-000" / "file-000.parquet"
+    data.unlink()
+    assert main(["dataset", "info", str(folder)]) == 2  # the shipped stats.json is not enough to be healthy
+    err = capsys.readouterr().err
+    assert str(data) in err and "missing file" in err, err

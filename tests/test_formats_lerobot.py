@@ -384,4 +384,67 @@ def test_reads_a_dataset_written_by_lerobot(tmp_path):
         np.testing.assert_array_equal(store[key][:], expected[f"observation_{key}"])
     np.testing.assert_array_equal(store["action"][:], expected["action"])
     np.testing.assert_array_equal(store["next_reward"][:, 0], expected["next_reward"])
+    tasks = store.attrs["source"]["tasks"]
+    assert [tasks[i] for i in store["task_index"][:]] == expected["task"].tolist()
     assert tree_hash(FIXTURE) == before
+
+
+def _tasks(folder: Path) -> dict[int, str]:
+    table = pq.read_table(folder / "meta" / "tasks.parquet").to_pylist()
+    return {row["task_index"]: row["task"] for row in table}
+
+
+def test_lerobot_round_trip_keeps_tasks_and_lerobots_stats_layout(tmp_path):
+    """LeRobot (written by lerobot) -> EpisodeStore -> LeRobot: the tasks table, every frame's task and
+    every episode's task list survive; stats.json and the per-episode stats have LeRobot's own features,
+    stat names and shapes, and the low-dim values LeRobot computed."""
+    store = import_dataset(read_dataset(FIXTURE), tmp_path / "tiny.zarr", progress=False)
+    again = write_lerobot(store, tmp_path / "again", progress=False)
+    assert _tasks(again) == _tasks(FIXTURE) and len(_tasks(FIXTURE)) == 3
+    info = json.loads((again / "meta" / "info.json").read_text())
+    assert info["total_tasks"] == 3 and "observation.task_index" not in info["features"]
+    column = "task_index"
+    data = [pq.read_table(f.joinpath(*DATA), columns=[column]).column(column) for f in (FIXTURE, again)]
+    assert data[0].to_pylist() == data[1].to_pylist() and len(set(data[0].to_pylist())) == 3
+    episodes = [pq.read_table(f.joinpath(*EPISODES)).to_pylist() for f in (FIXTURE, again)]
+    assert [sorted(e["tasks"]) for e in episodes[0]] == [sorted(e["tasks"]) for e in episodes[1]]
+
+    theirs = json.loads((FIXTURE / "meta" / "stats.json").read_text())
+    ours = json.loads((again / "meta" / "stats.json").read_text())
+    assert ours.keys() == theirs.keys()
+    for feature, values in theirs.items():
+        assert ours[feature].keys() == values.keys(), feature
+        for stat, value in values.items():
+            assert np.shape(ours[feature][stat]) == np.shape(value), (feature, stat)
+            assert np.shape(episodes[1][0][f"stats/{feature}/{stat}"]) == np.shape(value), (feature, stat)
+        if info["features"][feature]["dtype"] != "video":  # lerobot's image stats are of the frames
+            for stat in ("min", "max", "mean", "std", "count"):  # before encoding; ours of decoded ones
+                np.testing.assert_allclose(ours[feature][stat], values[stat], rtol=1e-5, err_msg=feature)
+
+
+def test_tasks_given_at_export_replace_the_stores(tmp_path):
+    store = import_dataset(read_dataset(FIXTURE), tmp_path / "tiny.zarr", progress=False)
+    one = write_lerobot(store, tmp_path / "one", task="stack", progress=False)
+    assert _tasks(one) == {0: "stack"}
+    assert set(pq.read_table(one.joinpath(*DATA)).column("task_index").to_pylist()) == {0}
+
+
+def test_wrong_declared_shape_names_file_key_and_shapes(folder, tmp_path):
+    _edit_info(folder, lambda i: i["features"]["observation.state"].update(shape=[5]))
+    with pytest.raises(FormatError) as err:
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    message = str(err.value)
+    for part in ("info.json", "'observation.state'", "[5]", "[4]", str(folder.joinpath(*DATA))):
+        assert part in message, message
+    _edit_info(folder, lambda i: i["features"]["observation.images.top"].update(shape=[8, 16, 3]))
+    _edit_info(folder, lambda i: i["features"]["observation.state"].update(shape=[4]))
+    with pytest.raises(FormatError, match=r"observation.images.top.*\[8, 16, 3\].*\[16, 16, 3\]"):
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_missing_data_file_is_found_when_the_folder_is_opened(folder):
+    folder.joinpath(*DATA).unlink()
+    with pytest.raises(FormatError, match="missing file") as err:
+        read_dataset(folder)
+    assert str(folder.joinpath(*DATA)) in str(err.value)
