@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffpolicy.data.episodes import EpisodeStore, EpisodeStoreError
-from diffpolicy.files import make_temp_dir
+from diffpolicy.files import make_temp_dir, replace_folder
 
 __all__ = [
     "ForeignDataset",
@@ -107,7 +107,9 @@ def obs_spec(key: str, trailing_shape: tuple[int, ...], dtype: Any) -> dict[str,
 def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    A failure never leaves a half-written ``target``; an existing one is replaced only with ``overwrite``.
+    A failure never leaves a half-written ``target``; an existing one is replaced only with ``overwrite``,
+    and only once the new one is complete (:func:`diffpolicy.files.replace_folder`: a failed conversion or
+    a failed swap leaves it as it was).
     """
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
@@ -115,9 +117,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = make_temp_dir(target.parent, f".{target.name}.tmp-")  # the user's umask, not mkdtemp's 0700
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
+        replace_folder(tmp, target)
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
