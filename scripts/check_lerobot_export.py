@@ -13,14 +13,21 @@ What it checks, each with lerobot's functions (nothing re-implemented here):
 2. stats: ``meta/stats.json`` has, for every feature, the stat names and shapes that lerobot's
    ``get_feature_stats`` gives on the frames the loader returns (images as lerobot's
    ``compute_episode_stats`` reduces them: per channel, scaled to [0, 1]), with the same min / max / mean /
-   std (to float32 precision; cameras within 2 uint8 levels, as our stats are of the frames before
-   encoding), and quantiles inside [min, max];
+   std (to float32 precision; cameras within 2.5 uint8 levels, min / max within 10, as our stats are of
+   the frames before lossy encoding, like lerobot's own), and quantiles inside [min, max];
 3. the per-episode stats in ``meta/episodes`` pass lerobot's ``aggregate_stats`` (its type and shape
    checks), and aggregate to stats.json's min / max / mean / std;
 4. lerobot's ``NormalizerProcessorStep`` built from ``dataset.meta.stats`` normalizes a whole-dataset
    batch with every mode (MEAN_STD, MIN_MAX, QUANTILES, QUANTILE10) and ``UnnormalizerProcessorStep``
    undoes it; under MEAN_STD the low-dim features come out with mean 0 and std 1 per component.
    This is where a (2,) vs (18,) stats shape made ``lerobot-train`` fail.
+
+End to end, ``lerobot-train --dataset.root=FOLDER --dataset.repo_id=local/NAME --dataset.video_backend=pyav
+--policy.type=diffusion --policy.device=cpu --policy.pretrained_backbone_weights=null
+--policy.use_group_norm=true --policy.crop_shape="[12, 12]" --policy.push_to_hub=false --steps=3
+--batch_size=4 --num_workers=0 --wandb.enable=false`` (needs lerobot[training,diffusion]) trains on an
+export with (9, 2) keypoints, a state and a 16x16 camera; on an export of the old writer it stopped with
+"The size of tensor a (2) must match the size of tensor b (18)".
 """
 
 from __future__ import annotations
@@ -102,7 +109,9 @@ def main() -> int:
             if name in ours:
                 check(ours[name].shape == value.shape, f"{key}/{name}: shape {ours[name].shape}")
         for name in ("min", "max", "mean", "std"):
-            check(close(ours[name], theirs[name], atol), f"{key}/{name} equals lerobot's")
+            tol = atol * (4 if key in cameras and name in ("min", "max") else 1)  # extremes move most
+            gap = np.abs(np.asarray(ours[name], float) - np.asarray(theirs[name], float)).max()
+            check(close(ours[name], theirs[name], tol), f"{key}/{name} equals lerobot's (off by {gap:.3g})")
         check(int(ours["count"][0]) == len(items), f"{key}/count = {int(ours['count'][0])} frames")
         for name in (k for k in ours if k.startswith("q")):
             inside = np.all(ours[name] >= ours["min"] - 1e-9) and np.all(ours[name] <= ours["max"] + 1e-9)
