@@ -350,6 +350,7 @@ def test_stats_keep_the_features_last_axis_as_lerobot_does(tmp_path):
     folder = write_lerobot(store, tmp_path / "pusht_lerobot", progress=False)
     stats = json.loads((folder / "meta" / "stats.json").read_text())
     keypoint = stats["observation.keypoint"]
+    assert np.shape(keypoint["mean"]) == (2,)
     assert set(keypoint) == {"min", "max", "mean", "std", "count", *QUANTILES}
     rows = store["keypoint"][:].reshape(-1, 2).astype(np.float64)
     for name in ("min", "max", "mean", "std"):
