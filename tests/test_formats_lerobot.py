@@ -120,6 +120,7 @@ def test_v21_reads_like_v3(folder, tmp_path):
     a = import_dataset(read_dataset(folder), tmp_path / "a.zarr", progress=False)
     b = import_dataset(read_dataset(v21), tmp_path / "b.zarr", progress=False)
     assert read_dataset(v21).format == "lerobot v2.1"
+    assert read_dataset(v21).attrs["tasks"] == ["push"]  # meta/tasks.jsonl
     assert_same_store(a, b)
 
 
@@ -371,7 +372,7 @@ def test_stats_keep_the_features_last_axis_as_lerobot_does(tmp_path):
     assert 0 <= np.min(top["q01"]) <= np.max(top["q99"]) <= 1
 
 
-def test_reads_a_dataset_written_by_lerobot(tmp_path):
+def test_reads_a_dataset_written_by_lerobot(tmp_path, capsys):
     """A folder written by lerobot 0.6.1 itself (scripts/make_lerobot_fixture.py: its default AV1 codec,
     (9, 2) keypoints, three tasks): the import equals what LeRobot's own loader returned, frame for frame
     (measured: every pixel identical; AV1 decoding is bit-exact by specification)."""
@@ -387,6 +388,10 @@ def test_reads_a_dataset_written_by_lerobot(tmp_path):
     np.testing.assert_array_equal(store["next_reward"][:, 0], expected["next_reward"])
     tasks = store.attrs["source"]["tasks"]
     assert [tasks[i] for i in store["task_index"][:]] == expected["task"].tolist()
+    assert main(["dataset", "info", str(FIXTURE)]) == 0
+    assert (
+        "tasks (3): 'push the T into the target'; 'reach the goal'; 'hold still'" in capsys.readouterr().out
+    )
     assert tree_hash(FIXTURE) == before
 
 
