@@ -454,3 +454,13 @@ def test_missing_data_file_is_found_when_the_folder_is_opened(folder):
     with pytest.raises(FormatError, match="missing file") as err:
         read_dataset(folder)
     assert str(folder.joinpath(*DATA)) in str(err.value)
+
+
+def test_frames_with_a_task_the_table_lacks_are_named(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(FIXTURE, tmp_path / "tiny")
+    _edit_parquet(folder / "meta" / "tasks.parquet", lambda t: t.slice(0, 2))  # drop task 2
+    with pytest.raises(FormatError, match="episode 2: task_index 2 is not in the tasks table") as err:
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    assert str(folder.joinpath(*DATA)) in str(err.value)

@@ -24,10 +24,10 @@ back; an episode's frames are the decoded frames whose timestamps fall in its
 (``dtype: image``) are decoded with Pillow. Checked against a folder written by lerobot 0.6.1 itself
 (tests/data/lerobot_v30_tiny, AV1): every frame equals what LeRobot's own loader returns.
 
-Tasks: the task strings the frames use are kept in the store's ``source.tasks`` (list position = task
-index); when the frames use more than one task, a per-frame ``task_index`` key holds each frame's (not a
-policy input). The writer restores the tasks table, every frame's ``task_index`` and every episode's
-``tasks`` from them.
+Tasks: the tasks table is kept in the store's ``source.tasks`` (in task index order; list position = the
+store's task index); when it has more than one task, a per-frame ``task_index`` key holds each frame's
+(not a policy input). The writer restores the tasks table, every frame's ``task_index`` and every
+episode's ``tasks`` from them.
 
 Key names (store key <-> LeRobot feature): ``observation.images.<cam>`` <-> ``<cam>``, ``observation.image``
 <-> ``image``, ``observation.<name>`` <-> ``<name>`` (``state``, ``environment_state``, ...), ``action`` <->
@@ -346,32 +346,30 @@ def _shape_problem(info_path: Path, name: str, declared: list[int], actual: Any)
 
 def _check_files(
     info_path: Path, features: dict[str, dict], columns: list[str], episodes: list[_Episode]
-) -> set[int]:
-    """Every data and video file the metadata lists exists, and each data file stores the features in
-    their declared shapes (read from the parquet footers, so ``dataset info`` finds what an import would);
-    returns the task indices the frames use."""
+) -> list[str]:
+    """Every data and video file the metadata lists exists (a stat each, so ``dataset info`` reports what
+    an import would meet), and the first data file stores the features in the shapes ``info.json``
+    declares (from its parquet footer; the others are checked as they are read). Returns that file's
+    column names."""
     pq = require("pyarrow.parquet")
-    for video in dict.fromkeys(file for ep in episodes for file, _, _ in ep.videos.values()):
-        if not video.is_file():
-            raise FormatError(video, "missing video file (listed by the dataset's metadata)")
-    used: set[int] = set()
-    for path in dict.fromkeys(ep.data_file for ep in episodes):
+    files = list(dict.fromkeys(ep.data_file for ep in episodes))
+    videos = dict.fromkeys(file for ep in episodes for file, _, _ in ep.videos.values())
+    for path in [*files, *videos]:
         if not path.is_file():
             raise FormatError(path, "missing file (listed by the dataset's metadata)")
-        try:
-            schema = pq.read_schema(path)
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
-            raise FormatError(path, f"corrupt or unreadable parquet file: {e}") from None
-        for name in columns:
-            if features[name].get("dtype") == "image" or name not in schema.names:
-                continue  # images are checked when decoded, missing columns when read
-            declared, stored = _declared_shape(features[name]), _stored_shape(schema.field(name))
-            if stored is not None and stored != declared:
-                raise FormatError(path, _shape_problem(info_path, name, declared, stored))
-        if "task_index" in schema.names:
-            values = _read_parquet(path, ["task_index"]).column("task_index").to_numpy()
-            used.update(int(i) for i in np.unique(values))
-    return used
+    if not files:
+        return []
+    try:
+        schema = pq.read_schema(files[0])
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise FormatError(files[0], f"corrupt or unreadable parquet file: {e}") from None
+    for name in columns:
+        if features[name].get("dtype") == "image" or name not in schema.names:
+            continue  # images are checked when decoded, missing columns when read
+        declared, stored = _declared_shape(features[name]), _stored_shape(schema.field(name))
+        if stored is not None and stored != declared:
+            raise FormatError(files[0], _shape_problem(info_path, name, declared, stored))
+    return list(schema.names)
 
 
 def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
@@ -442,18 +440,14 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
         if version.startswith("v3")
         else _episodes_v2(root, info, video_keys)
     )
-    used_tasks = _check_files(info_path, features, columns, episodes)
-    table = _read_tasks(root, version) if used_tasks else None
-    tasks: list[str] | None = None
-    task_position: dict[int, int] = {}  # task_index in the source -> in the store's task list
-    if table is not None:
-        unknown = sorted(used_tasks - set(table))
-        if unknown:
-            where = root / "meta" / ("tasks.parquet" if version.startswith("v3") else "tasks.jsonl")
-            raise FormatError(where, f"the frames use task_index {unknown}, which the tasks table lacks")
-        task_position = {index: n for n, index in enumerate(sorted(used_tasks))}
-        tasks = [table[index] for index in sorted(used_tasks)]
-    per_frame_tasks = len(task_position) > 1  # one task for every frame needs no per-frame key
+    stored_columns = _check_files(info_path, features, columns, episodes)
+    table = _read_tasks(root, version) if "task_index" in stored_columns else None
+    tasks = [table[i] for i in sorted(table)] if table else None
+    per_frame_tasks = bool(tasks) and len(tasks) > 1  # one task for every frame needs no per-frame key
+    task_position = np.full(max(table) + 1 if table else 0, -1, np.int64)  # source index -> list position
+    for position, index in enumerate(sorted(table or {})):
+        if index >= 0:
+            task_position[index] = position
     stats_path = root / "meta" / "stats.json"
     stats = _load_json(stats_path) if stats_path.is_file() else None
     key_of = {v: k for k, v in names.items()}
@@ -488,7 +482,14 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
                     out[key_of[name]] = values
                 if per_frame_tasks:
                     indices = part.column("task_index").to_numpy()
-                    out["task_index"] = np.array([task_position[int(i)] for i in indices], dtype=np.int64)
+                    inside = (indices >= 0) & (indices < len(task_position))
+                    positions = np.where(inside, task_position[np.where(inside, indices, 0)], -1)
+                    if (positions < 0).any():
+                        bad = int(indices[np.flatnonzero(positions < 0)[0]])
+                        raise FormatError(
+                            ep.data_file, f"episode {ep.index}: task_index {bad} is not in the tasks table"
+                        )
+                    out["task_index"] = positions
                 for name in [] if low_dim_only else video_keys:
                     file, start, stop = ep.videos[name]
                     reader = readers.get(name)
