@@ -110,8 +110,11 @@ def main() -> int:
                 check(ours[name].shape == value.shape, f"{key}/{name}: shape {ours[name].shape}")
         for name in ("min", "max", "mean", "std"):
             tol = atol * (4 if key in cameras and name in ("min", "max") else 1)  # extremes move most
-            gap = np.abs(np.asarray(ours[name], float) - np.asarray(theirs[name], float)).max()
-            check(close(ours[name], theirs[name], tol), f"{key}/{name} equals lerobot's (off by {gap:.3g})")
+            a, b = np.asarray(ours[name], float), np.asarray(theirs[name], float)
+            gap = (
+                f"off by {np.abs(a - b).max():.3g}" if a.shape == b.shape else f"shape {a.shape} vs {b.shape}"
+            )
+            check(close(a, b, tol), f"{key}/{name} equals lerobot's ({gap})")
         check(int(ours["count"][0]) == len(items), f"{key}/count = {int(ours['count'][0])} frames")
         for name in (k for k in ours if k.startswith("q")):
             inside = np.all(ours[name] >= ours["min"] - 1e-9) and np.all(ours[name] <= ours["max"] + 1e-9)
