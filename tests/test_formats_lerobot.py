@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ def test_v21_reads_like_v3(folder, tmp_path):
     a = import_dataset(read_dataset(folder), tmp_path / "a.zarr", progress=False)
     b = import_dataset(read_dataset(v21), tmp_path / "b.zarr", progress=False)
     assert read_dataset(v21).format == "lerobot v2.1"
+    assert read_dataset(v21).attrs["tasks"] == ["push"]  # meta/tasks.jsonl
     assert_same_store(a, b)
 
 
@@ -352,3 +354,131 @@ def test_cameras_resized_once_at_import(folder, store, tmp_path):
     assert other.path != imported.path and "imported" in note
     _, _, note = open_training_data(folder, tmp_path / "imports", image_size=[8, 12])
     assert "reusing the import" in note
+
+
+# ------------------------------------------------------------------------------------ LeRobot's own rules
+QUANTILES = ("q01", "q10", "q50", "q90", "q99")  # the quantiles lerobot 0.6 writes for every feature
+FIXTURE = Path(__file__).parent / "data" / "lerobot_v30_tiny"  # written by lerobot 0.6.1 itself
+
+
+def test_stats_keep_the_features_last_axis_as_lerobot_does(tmp_path):
+    """LeRobot reduces a feature's stats over every axis but the last (its get_feature_stats feeds
+    RunningQuantileStats (-1, D) rows): Push-T's (9, 2) keypoints get (2,) stats, not (18,), or
+    `lerobot-train` fails on "size of tensor a (2) must match ... (18)". Images get (3, 1, 1) in [0, 1]."""
+    store = _pusht_like_store(tmp_path / "pusht.zarr")
+    folder = write_lerobot(store, tmp_path / "pusht_lerobot", progress=False)
+    stats = json.loads((folder / "meta" / "stats.json").read_text())
+    keypoint = stats["observation.keypoint"]
+    assert np.shape(keypoint["mean"]) == (2,)
+    assert set(keypoint) == {"min", "max", "mean", "std", "count", *QUANTILES}
+    rows = store["keypoint"][:].reshape(-1, 2).astype(np.float64)
+    for name in ("min", "max", "mean", "std"):
+        np.testing.assert_allclose(keypoint[name], getattr(rows, name)(0), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(keypoint["q50"], np.median(rows, 0), rtol=1e-6)
+    assert keypoint["count"] == [store.n_steps]  # frames, not frames x 9
+    assert np.shape(stats["observation.n_contacts"]["mean"]) == (1,)
+    assert np.shape(stats["action"]["q99"]) == (2,)
+    episodes = pq.read_table(folder.joinpath(*EPISODES)).to_pylist()
+    first = store["keypoint"][: episodes[0]["length"]].reshape(-1, 2)
+    np.testing.assert_allclose(episodes[0]["stats/observation.keypoint/mean"], first.mean(0), rtol=1e-6)
+    assert episodes[0]["stats/observation.keypoint/count"] == [episodes[0]["length"]]
+
+    cameras = write_lerobot(tiny_store(tmp_path / "cams.zarr"), tmp_path / "cams", fps=30, progress=False)
+    top = json.loads((cameras / "meta" / "stats.json").read_text())["observation.images.top"]
+    assert set(top) == {"min", "max", "mean", "std", "count", *QUANTILES}
+    assert all(np.shape(top[k]) == (3, 1, 1) for k in top if k != "count")
+    assert 0 <= np.min(top["q01"]) <= np.max(top["q99"]) <= 1
+
+
+def test_reads_a_dataset_written_by_lerobot(tmp_path, capsys):
+    """A folder written by lerobot 0.6.1 itself (scripts/make_lerobot_fixture.py: its default AV1 codec,
+    (9, 2) keypoints, three tasks): the import equals what LeRobot's own loader returned, frame for frame
+    (measured: every pixel identical; AV1 decoding is bit-exact by specification)."""
+    expected = np.load(FIXTURE.with_suffix(".npz"))
+    assert str(expected["video_codec"]) == "av1"
+    before = tree_hash(FIXTURE)
+    store = import_dataset(read_dataset(FIXTURE), tmp_path / "tiny.zarr", progress=False)
+    assert store.episode_lengths.tolist() == [12, 9, 14]
+    np.testing.assert_array_equal(store["top"][:], expected["observation_images_top"])
+    for key in ("state", "environment_state"):
+        np.testing.assert_array_equal(store[key][:], expected[f"observation_{key}"])
+    np.testing.assert_array_equal(store["action"][:], expected["action"])
+    np.testing.assert_array_equal(store["next_reward"][:, 0], expected["next_reward"])
+    tasks = store.attrs["source"]["tasks"]
+    assert [tasks[i] for i in store["task_index"][:]] == expected["task"].tolist()
+    assert main(["dataset", "info", str(FIXTURE)]) == 0
+    assert (
+        "tasks (3): 'push the T into the target'; 'reach the goal'; 'hold still'" in capsys.readouterr().out
+    )
+    assert tree_hash(FIXTURE) == before
+
+
+def _tasks(folder: Path) -> dict[int, str]:
+    table = pq.read_table(folder / "meta" / "tasks.parquet").to_pylist()
+    return {row["task_index"]: row["task"] for row in table}
+
+
+def test_lerobot_round_trip_keeps_tasks_and_lerobots_stats_layout(tmp_path):
+    """LeRobot (written by lerobot) -> EpisodeStore -> LeRobot: the tasks table, every frame's task and
+    every episode's task list survive; stats.json and the per-episode stats have LeRobot's own features,
+    stat names and shapes, and the low-dim values LeRobot computed."""
+    store = import_dataset(read_dataset(FIXTURE), tmp_path / "tiny.zarr", progress=False)
+    again = write_lerobot(store, tmp_path / "again", progress=False)
+    assert _tasks(again) == _tasks(FIXTURE) and len(_tasks(FIXTURE)) == 3
+    info = json.loads((again / "meta" / "info.json").read_text())
+    assert info["total_tasks"] == 3 and "observation.task_index" not in info["features"]
+    column = "task_index"
+    data = [pq.read_table(f.joinpath(*DATA), columns=[column]).column(column) for f in (FIXTURE, again)]
+    assert data[0].to_pylist() == data[1].to_pylist() and len(set(data[0].to_pylist())) == 3
+    episodes = [pq.read_table(f.joinpath(*EPISODES)).to_pylist() for f in (FIXTURE, again)]
+    assert [sorted(e["tasks"]) for e in episodes[0]] == [sorted(e["tasks"]) for e in episodes[1]]
+
+    theirs = json.loads((FIXTURE / "meta" / "stats.json").read_text())
+    ours = json.loads((again / "meta" / "stats.json").read_text())
+    assert ours.keys() == theirs.keys()
+    for feature, values in theirs.items():
+        assert ours[feature].keys() == values.keys(), feature
+        for stat, value in values.items():
+            assert np.shape(ours[feature][stat]) == np.shape(value), (feature, stat)
+            assert np.shape(episodes[1][0][f"stats/{feature}/{stat}"]) == np.shape(value), (feature, stat)
+        if info["features"][feature]["dtype"] != "video":  # lerobot's image stats are of the frames
+            for stat in ("min", "max", "mean", "std", "count"):  # before encoding; ours of decoded ones
+                np.testing.assert_allclose(ours[feature][stat], values[stat], rtol=1e-5, err_msg=feature)
+
+
+def test_tasks_given_at_export_replace_the_stores(tmp_path):
+    store = import_dataset(read_dataset(FIXTURE), tmp_path / "tiny.zarr", progress=False)
+    one = write_lerobot(store, tmp_path / "one", task="stack", progress=False)
+    assert _tasks(one) == {0: "stack"}
+    assert set(pq.read_table(one.joinpath(*DATA)).column("task_index").to_pylist()) == {0}
+
+
+def test_wrong_declared_shape_names_file_key_and_shapes(folder, tmp_path):
+    _edit_info(folder, lambda i: i["features"]["observation.state"].update(shape=[5]))
+    with pytest.raises(FormatError) as err:
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    message = str(err.value)
+    for part in ("info.json", "'observation.state'", "[5]", "[4]", str(folder.joinpath(*DATA))):
+        assert part in message, message
+    _edit_info(folder, lambda i: i["features"]["observation.images.top"].update(shape=[8, 16, 3]))
+    _edit_info(folder, lambda i: i["features"]["observation.state"].update(shape=[4]))
+    with pytest.raises(FormatError, match=r"observation.images.top.*\[8, 16, 3\].*\[16, 16, 3\]"):
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_missing_data_file_is_found_when_the_folder_is_opened(folder):
+    folder.joinpath(*DATA).unlink()
+    with pytest.raises(FormatError, match="missing file") as err:
+        read_dataset(folder)
+    assert str(folder.joinpath(*DATA)) in str(err.value)
+
+
+def test_frames_with_a_task_the_table_lacks_are_named(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(FIXTURE, tmp_path / "tiny")
+    _edit_parquet(folder / "meta" / "tasks.parquet", lambda t: t.slice(0, 2))  # drop task 2
+    with pytest.raises(FormatError, match="episode 2: task_index 2 is not in the tasks table") as err:
+        import_dataset(read_dataset(folder), tmp_path / "out.zarr", progress=False)
+    assert str(folder.joinpath(*DATA)) in str(err.value)

@@ -307,6 +307,8 @@ def cmd_dataset_info(args: argparse.Namespace) -> int:
         dtype = f" {meta['dtype']}" if "dtype" in meta else ""
         print(f"    {key}: shape {meta.get('shape')}{kind}{dtype}{extra}")
     print(f"  shape_meta (what training infers): {json.dumps(info['shape_meta'])}")
+    if info.get("tasks"):
+        print(f"  tasks ({len(info['tasks'])}): " + "; ".join(repr(t) for t in info["tasks"]))
     print(f"  stats{' (' + info['stats_source'] + ')' if 'stats_source' in info else ''}:")
     for key, stats in info["stats"].items():
         print(f"    {key}: {_format_stats(stats)}")

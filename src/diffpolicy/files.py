@@ -5,6 +5,8 @@
   umask lets read it (teammates on shared storage).
 - `share_like_umask`: the same for files written by libraries that create them 0600 (safetensors).
 - `fsync_dir`: make renames inside a folder durable across a power cut.
+- `replace_folder`: put a finished folder in place of an existing one by renames only, so the old one is
+  deleted only once the new one is in place (and is put back if that fails).
 - `RunLock`: one process at a time per run folder, via `fcntl.flock` on `<run>/.lock`; the kernel drops
   the lock when its holder dies, so a crashed run never leaves the folder stuck.
 """
@@ -15,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -60,6 +63,31 @@ def fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the complete folder `new` to `target`, replacing whatever is there.
+
+    The old `target` is first renamed aside (`.NAME.old-<random>` beside it), then `new` renamed into
+    place, then the old copy deleted: no instant at which a failure leaves neither, and a failed second
+    rename puts the old one back. (`os.replace` cannot replace a non-empty folder in one step.)
+    """
+    if not (target.exists() or target.is_symlink()):
+        os.replace(new, target)
+        fsync_dir(target.parent)
+        return
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    fsync_dir(target.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
 
 
 class RunFolderBusy(RuntimeError):

@@ -238,8 +238,9 @@ def _summary_stats(values: np.ndarray) -> dict[str, Any]:
 def describe(
     path: str | os.PathLike, flatten_obs: Sequence[str] | None = DEFAULT_FLATTEN, progress: bool = False
 ) -> dict[str, Any]:
-    """What ``diffpolicy dataset info`` prints: format, episodes, frames, fps, keys with shapes, shape_meta
-    and per-key stats of the low-dim keys (the dataset's own stats when it ships them, else computed)."""
+    """What ``diffpolicy dataset info`` prints: format, episodes, frames, fps, keys with shapes, shape_meta,
+    the task strings (LeRobot) and per-key stats of the low-dim keys (the dataset's own stats when it ships
+    them, else computed)."""
     fmt = detect_format(path)
     out: dict[str, Any] = {"path": str(path), "format": fmt}
     if fmt == "episode_store":
@@ -258,6 +259,8 @@ def describe(
         ds = read_dataset(path, fmt, flatten_obs=flatten_obs)
         lengths = np.asarray(ds.episode_lengths)
         out.update(format=ds.format, fps=ds.fps, shape_meta=ds.shape_meta)
+        if ds.attrs.get("tasks"):
+            out["tasks"] = ds.attrs["tasks"]
         out["keys"] = {k: {"source": v} for k, v in ds.source_names.items()}
         for k, meta in ds.shape_meta["obs"].items():
             out["keys"].setdefault(k, {}).update(shape=meta["shape"], type=meta["type"])

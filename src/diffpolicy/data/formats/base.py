@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffpolicy.data.episodes import EpisodeStore, EpisodeStoreError
-from diffpolicy.files import make_temp_dir
+from diffpolicy.files import make_temp_dir, replace_folder
 
 __all__ = [
     "ForeignDataset",
@@ -30,9 +30,11 @@ __all__ = [
     "atomic_folder",
     "check_finite",
     "check_lengths",
+    "image_histogram",
     "image_stats",
     "import_dataset",
     "low_dim_stats",
+    "QUANTILES",
     "obs_spec",
     "require",
     "resize_frames",
@@ -105,7 +107,9 @@ def obs_spec(key: str, trailing_shape: tuple[int, ...], dtype: Any) -> dict[str,
 def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    A failure never leaves a half-written ``target``; an existing one is replaced only with ``overwrite``.
+    A failure never leaves a half-written ``target``; an existing one is replaced only with ``overwrite``,
+    and only once the new one is complete (:func:`diffpolicy.files.replace_folder`: a failed conversion or
+    a failed swap leaves it as it was).
     """
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
@@ -113,9 +117,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = make_temp_dir(target.parent, f".{target.name}.tmp-")  # the user's umask, not mkdtemp's 0700
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
+        replace_folder(tmp, target)
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
@@ -204,35 +206,65 @@ def resize_frames(frames: np.ndarray, size: Sequence[int], block: int = 64) -> n
     return out
 
 
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)  # what LeRobot (0.4 and later) stores as q01, q10, ... q99
+
+
+def _quantile_name(q: float) -> str:
+    return f"q{round(q * 100):02d}"
+
+
 def low_dim_stats(values: np.ndarray) -> dict[str, Any]:
-    """min / max / mean / std / count (and q01 / q99) over the time axis, as JSON lists."""
-    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1) if len(values) else np.zeros((0, 1))
-    if x.shape[0] == 0:
+    """min / max / mean / std / count and the :data:`QUANTILES` of a (T, ..., D) array, as JSON lists.
+
+    Reduced over every axis but the last, as LeRobot does (its stats code treats all leading axes as
+    samples): Push-T's (T, 9, 2) keypoints get (2,) stats over their 9 T points, a (T, D) vector (D,),
+    scalars (T,) or (T, 1) get (1,). ``count`` is T, the number of frames. A LeRobot normalizer
+    broadcasts these against the feature, so any other shape fails there.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) == 0:
         return {"count": [0]}
-    return {
+    x = arr.reshape(-1, arr.shape[-1] if arr.ndim > 1 else 1)
+    out = {
         "min": x.min(0).tolist(),
         "max": x.max(0).tolist(),
         "mean": x.mean(0).tolist(),
         "std": x.std(0).tolist(),
-        "count": [int(x.shape[0])],
-        "q01": np.quantile(x, 0.01, axis=0).tolist(),
-        "q99": np.quantile(x, 0.99, axis=0).tolist(),
+        "count": [int(len(arr))],
     }
+    for q, value in zip(QUANTILES, np.quantile(x, QUANTILES, axis=0), strict=True):
+        out[_quantile_name(q)] = value.tolist()
+    return out
 
 
-def image_stats(frames: np.ndarray) -> dict[str, Any]:
-    """Per-channel stats of uint8 (N, H, W, C) frames scaled to [0, 1], shaped (C, 1, 1) like LeRobot's."""
-    x = np.asarray(frames, dtype=np.float32) / 255.0
-    c = x.shape[-1]
-    flat = x.reshape(-1, c)
+def image_histogram(frames: np.ndarray) -> np.ndarray:
+    """Per-channel counts of each level of uint8 (N, H, W, C) frames, (C, 256): histograms of several
+    episodes add up to the dataset's, from which :func:`image_stats` gets exact stats and quantiles."""
+    flat = np.asarray(frames, dtype=np.uint8).reshape(-1, frames.shape[-1])
+    return np.stack([np.bincount(flat[:, c], minlength=256) for c in range(flat.shape[1])])
+
+
+def image_stats(histogram: np.ndarray, n_frames: int) -> dict[str, Any]:
+    """LeRobot's per-channel image stats from an :func:`image_histogram`: min / max / mean / std and the
+    :data:`QUANTILES` of the pixel values scaled to [0, 1], each shaped (C, 1, 1); ``count`` is the number
+    of frames. Quantiles are exact (the smallest level whose cumulative share reaches q)."""
+    hist = np.asarray(histogram, dtype=np.float64)
+    levels = np.arange(256) / 255.0
+    n = hist.sum(1)
+    mean = hist @ levels / n
+    std = np.sqrt(np.maximum(hist @ levels**2 / n - mean**2, 0.0))
+    seen = hist > 0
+    cdf = np.cumsum(hist, 1) / n[:, None]
     per = {
-        "min": flat.min(0),
-        "max": flat.max(0),
-        "mean": flat.mean(0, dtype=np.float64),
-        "std": flat.std(0, dtype=np.float64),
+        "min": levels[seen.argmax(1)],
+        "max": levels[255 - seen[:, ::-1].argmax(1)],
+        "mean": mean,
+        "std": std,
     }
-    out: dict[str, Any] = {k: v.reshape(c, 1, 1).tolist() for k, v in per.items()}
-    out["count"] = [int(x.shape[0])]
+    for q in QUANTILES:
+        per[_quantile_name(q)] = levels[(cdf >= q - 1e-12).argmax(1)]
+    out: dict[str, Any] = {k: v.reshape(-1, 1, 1).tolist() for k, v in per.items()}
+    out["count"] = [int(n_frames)]
     return out
 
 

@@ -3,7 +3,7 @@
 v3.0 layout (many episodes per file; what :func:`write_lerobot` writes)::
 
     meta/info.json                 codebase_version, fps, features, data_path, video_path, chunks_size, ...
-    meta/stats.json                per feature: min, max, mean, std, count, q01, q99
+    meta/stats.json                per feature: min, max, mean, std, count, q01, q10, q50, q90, q99
     meta/tasks.parquet             task_index, indexed by the task string
     meta/episodes/chunk-000/file-000.parquet
                                    per episode: episode_index, tasks, length, data/chunk_index,
@@ -16,9 +16,18 @@ v3.0 layout (many episodes per file; what :func:`write_lerobot` writes)::
 
 v2.1 has one parquet and one mp4 per episode (``meta/episodes.jsonl``, per-episode timestamps from 0).
 
-Reading: every data file and every mp4 is read once, front to back; an episode's frames are the decoded
-frames whose timestamps fall in its ``[from_timestamp, to_timestamp)`` (to the nearest frame). Image
-features stored in parquet (``dtype: image``) are decoded with Pillow.
+Reading: opening a folder checks that every data file and mp4 the metadata lists exists and that each
+data file stores the features in the shapes ``meta/info.json`` declares (from the parquet footers), so
+``dataset info`` reports what an import would. Every data file and every mp4 is then read once, front to
+back; an episode's frames are the decoded frames whose timestamps fall in its
+``[from_timestamp, to_timestamp)`` (to the nearest frame). Image features stored in parquet
+(``dtype: image``) are decoded with Pillow. Checked against a folder written by lerobot 0.6.1 itself
+(tests/data/lerobot_v30_tiny, AV1): every frame equals what LeRobot's own loader returns.
+
+Tasks: the tasks table is kept in the store's ``source.tasks`` (in task index order; list position = the
+store's task index); when it has more than one task, a per-frame ``task_index`` key holds each frame's
+(not a policy input). The writer restores the tasks table, every frame's ``task_index`` and every
+episode's ``tasks`` from them.
 
 Key names (store key <-> LeRobot feature): ``observation.images.<cam>`` <-> ``<cam>``, ``observation.image``
 <-> ``image``, ``observation.<name>`` <-> ``<name>`` (``state``, ``environment_state``, ...), ``action`` <->
@@ -34,6 +43,12 @@ their 2-D shape in info.json. Data and video files roll over at ~100 MB of raw f
 yuv420p (yuv444p when a side is odd), CRF 18, a keyframe every 2 frames (as LeRobot's encoder, for fast
 seeking). Measured on the smooth 16x16 test images: mean absolute error below 2 uint8 levels per pixel
 (the round-trip test asserts <= 3).
+
+Stats (``meta/stats.json`` and each episode's ``stats/<feature>/<stat>``) follow LeRobot's own rules, so
+its loader, aggregation and normalizers accept them: numeric features are reduced over every axis but the
+last (Push-T's (9, 2) keypoints get (2,) stats; ``count`` is the number of frames); cameras get per-channel
+(3, 1, 1) stats of pixels scaled to [0, 1], from all frames. ``scripts/check_lerobot_export.py`` checks an
+export with lerobot's own code.
 """
 
 from __future__ import annotations
@@ -55,6 +70,7 @@ from diffpolicy.data.formats.base import (
     FormatError,
     atomic_folder,
     check_finite,
+    image_histogram,
     image_stats,
     low_dim_stats,
     require,
@@ -274,6 +290,88 @@ def _rgb_spec(name: str, ft: dict) -> tuple[list[int], bool]:
     return [shape[2], shape[0], shape[1]], False
 
 
+def _read_tasks(root: Path, version: str) -> dict[int, str] | None:
+    """The tasks table {task_index: task}: ``meta/tasks.parquet`` (v3.0: pandas keeps the strings as its
+    index) or ``meta/tasks.jsonl`` (v2.x); None when the dataset has none."""
+    if version.startswith("v3"):
+        path = root / "meta" / "tasks.parquet"
+        if not path.is_file():
+            return None
+        rows = _read_parquet(path).to_pylist()
+        column = next((c for c in ("task", "__index_level_0__") if rows and c in rows[0]), None)
+        if rows and (column is None or "task_index" not in rows[0]):
+            raise FormatError(path, f"expected columns 'task_index' and 'task', found {sorted(rows[0])}")
+        return {int(r["task_index"]): str(r[column]) for r in rows}
+    path = root / "meta" / "tasks.jsonl"
+    if not path.is_file():
+        return None
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                out[int(r["task_index"])] = str(r["task"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise FormatError(path, f"line {n + 1}: bad task record: {e}") from None
+    return out
+
+
+def _declared_shape(ft: dict) -> list[int]:
+    return [int(s) for s in ft.get("shape") or [1]]
+
+
+def _stored_shape(field: Any) -> list[int] | None:
+    """A parquet column's per-frame shape from its type alone: [1] for scalars, the sizes of nested
+    fixed-size lists, the shape Hugging Face datasets records for its ArrayND columns (Push-T's keypoints);
+    None when the type does not say (variable-length lists: checked when the values are read)."""
+    pa = require("pyarrow")
+    extension = (field.metadata or {}).get(b"ARROW:extension:metadata")
+    if extension:
+        try:
+            return [int(s) for s in json.loads(extension)[0]]
+        except (ValueError, TypeError, IndexError, KeyError):
+            return None
+    kind, shape = field.type, []
+    while pa.types.is_fixed_size_list(kind):
+        shape.append(int(kind.list_size))
+        kind = kind.value_type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return None
+    return shape or [1]
+
+
+def _shape_problem(info_path: Path, name: str, declared: list[int], actual: Any) -> str:
+    return f"feature {name!r}: {info_path} declares shape {declared} but the file holds {actual} per frame"
+
+
+def _check_files(
+    info_path: Path, features: dict[str, dict], columns: list[str], episodes: list[_Episode]
+) -> list[str]:
+    """Every data and video file the metadata lists exists (a stat each, so ``dataset info`` reports what
+    an import would meet), and the first data file stores the features in the shapes ``info.json``
+    declares (from its parquet footer; the others are checked as they are read). Returns that file's
+    column names."""
+    pq = require("pyarrow.parquet")
+    files = list(dict.fromkeys(ep.data_file for ep in episodes))
+    videos = dict.fromkeys(file for ep in episodes for file, _, _ in ep.videos.values())
+    for path in [*files, *videos]:
+        if not path.is_file():
+            raise FormatError(path, "missing file (listed by the dataset's metadata)")
+    if not files:
+        return []
+    try:
+        schema = pq.read_schema(files[0])
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise FormatError(files[0], f"corrupt or unreadable parquet file: {e}") from None
+    for name in columns:
+        if features[name].get("dtype") == "image" or name not in schema.names:
+            continue  # images are checked when decoded, missing columns when read
+        declared, stored = _declared_shape(features[name]), _stored_shape(schema.field(name))
+        if stored is not None and stored != declared:
+            raise FormatError(files[0], _shape_problem(info_path, name, declared, stored))
+    return list(schema.names)
+
+
 def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
     """Describe a local LeRobot dataset folder (v3.0 or v2.x) for import."""
     root = Path(path)
@@ -342,6 +440,14 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
         if version.startswith("v3")
         else _episodes_v2(root, info, video_keys)
     )
+    stored_columns = _check_files(info_path, features, columns, episodes)
+    table = _read_tasks(root, version) if "task_index" in stored_columns else None
+    tasks = [table[i] for i in sorted(table)] if table else None
+    per_frame_tasks = bool(tasks) and len(tasks) > 1  # one task for every frame needs no per-frame key
+    task_position = np.full(max(table) + 1 if table else 0, -1, np.int64)  # source index -> list position
+    for position, index in enumerate(sorted(table or {})):
+        if index >= 0:
+            task_position[index] = position
     stats_path = root / "meta" / "stats.json"
     stats = _load_json(stats_path) if stats_path.is_file() else None
     key_of = {v: k for k, v in names.items()}
@@ -350,12 +456,13 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
         table_file, table, ep_col = None, None, None
         image_columns = [n for n in columns if features[n].get("dtype") == "image"]
         wanted = [n for n in columns if n not in image_columns] if low_dim_only else columns
+        read = [*wanted, "task_index"] if per_frame_tasks else wanted
         readers: dict[str, _VideoReader] = {}
         try:
             for ep in episodes:
                 if ep.data_file != table_file:
                     table_file = ep.data_file
-                    table = _read_parquet(ep.data_file, ["episode_index", *wanted])
+                    table = _read_parquet(ep.data_file, ["episode_index", *read])
                     ep_col = table.column("episode_index").to_numpy()
                 rows = np.flatnonzero(ep_col == ep.index)
                 if rows.size != ep.length:
@@ -371,8 +478,18 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
                     if features[name].get("dtype") == "image":
                         values = _decode_image_column(ep.data_file, col.to_pylist())
                     else:
-                        values = _column_array(col, features[name])
+                        values = _column_array(col, features[name], ep.data_file, name, info_path)
                     out[key_of[name]] = values
+                if per_frame_tasks:
+                    indices = part.column("task_index").to_numpy()
+                    inside = (indices >= 0) & (indices < len(task_position))
+                    positions = np.where(inside, task_position[np.where(inside, indices, 0)], -1)
+                    if (positions < 0).any():
+                        bad = int(indices[np.flatnonzero(positions < 0)[0]])
+                        raise FormatError(
+                            ep.data_file, f"episode {ep.index}: task_index {bad} is not in the tasks table"
+                        )
+                    out["task_index"] = positions
                 for name in [] if low_dim_only else video_keys:
                     file, start, stop = ep.videos[name]
                     reader = readers.get(name)
@@ -381,6 +498,12 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
                             reader.close()
                         reader = readers[name] = _VideoReader(file, fps)
                     frames = reader.take(start, stop)
+                    c, h, w = obs_meta[key_of[name]]["shape"]
+                    if frames and frames[0].shape != (h, w, c):
+                        raise FormatError(
+                            file,
+                            _shape_problem(info_path, name, features[name]["shape"], list(frames[0].shape)),
+                        )
                     if len(frames) != ep.length:
                         raise FormatError(
                             file,
@@ -405,27 +528,29 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
         episodes=read_episodes,
         fps=fps,
         source_names=names,
-        attrs={"robot_type": info.get("robot_type"), "codebase_version": version},
+        attrs={"robot_type": info.get("robot_type"), "codebase_version": version, "tasks": tasks},
         stats=stats,
     )
 
 
-def _column_array(col: Any, ft: dict) -> np.ndarray:
-    """A parquet column (scalars or fixed-size lists) as a (T, *shape) numpy array of the feature's dtype."""
+def _column_array(col: Any, ft: dict, path: Path, name: str, info_path: Path) -> np.ndarray:
+    """A parquet column (scalars or (nested) lists) as a (T, *shape) numpy array of the feature's dtype;
+    a FormatError naming the file, the feature and both shapes when the values do not fit the shape."""
     pa = require("pyarrow")
     col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
-    shape = [int(s) for s in ft.get("shape", [1])]
-    if (
-        pa.types.is_list(col.type)
-        or pa.types.is_fixed_size_list(col.type)
-        or pa.types.is_large_list(col.type)
+    shape = _declared_shape(ft)
+    flat = col.storage if isinstance(col, pa.ExtensionArray) else col
+    while (
+        pa.types.is_list(flat.type)
+        or pa.types.is_fixed_size_list(flat.type)
+        or pa.types.is_large_list(flat.type)
     ):
-        flat = col.flatten()
-        while pa.types.is_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
-            flat = flat.flatten()
-        arr = flat.to_numpy(zero_copy_only=False).reshape(len(col), *shape)
-    else:
-        arr = col.to_numpy(zero_copy_only=False).reshape(len(col), *shape)
+        flat = flat.flatten()
+    values = flat.to_numpy(zero_copy_only=False)
+    if values.size != len(col) * int(np.prod(shape)):
+        per_frame = f"{values.size / max(len(col), 1):g} values"
+        raise FormatError(path, _shape_problem(info_path, name, shape, per_frame))
+    arr = values.reshape(len(col), *shape)
     dtype = ft.get("dtype")
     return arr.astype(dtype, copy=False) if dtype not in (None, "string") else arr
 
@@ -505,8 +630,11 @@ def write_lerobot(
     """Export an EpisodeStore to a LeRobot v3.0 folder at ``dst``; returns ``dst``.
 
     Every store key becomes a feature (uint8 (H, W, 3) arrays become mp4 videos, the rest parquet columns
-    of their own dtype). ``fps`` defaults to the store's ``fps`` attribute. Written into a temporary folder
-    and renamed into place; ``dst`` is replaced only with ``overwrite``; the store is only read.
+    of their own dtype). ``fps`` defaults to the store's ``fps`` attribute. Tasks: a store imported from
+    LeRobot keeps its tasks (``source.tasks``, and a per-frame ``task_index`` key when its frames have
+    several); ``task`` gives every frame that one task instead; otherwise every frame gets the store's
+    ``task`` attribute (or ""). Written into a temporary folder and renamed into place; ``dst`` is replaced
+    only with ``overwrite``; the store is only read.
     """
     pa = require("pyarrow")
     pq = require("pyarrow.parquet")
@@ -524,19 +652,33 @@ def write_lerobot(
     if "action" not in store:
         raise ValueError(f"the store has no 'action' key (keys: {store.keys})")
     source = store.attrs.get("source") or {}
-    known = source.get("names", {}) if str(source.get("format", "")).startswith("lerobot") else {}
+    if not str(source.get("format", "")).startswith("lerobot"):
+        source = {}
+    known = source.get("names", {})
+    recorded = [str(t) for t in source.get("tasks") or []]
+    task_key = "task_index" if recorded and "task_index" in store else None  # LeRobot's, not a feature
+    if task:
+        tasks, task_key = [task], None
+    elif recorded:
+        if len(recorded) > 1 and task_key is None:
+            raise ValueError(f"the store records {len(recorded)} tasks but has no per-frame 'task_index' key")
+        tasks = recorded
+    else:
+        tasks = [str(store.attrs.get("task") or "")]
+    keys = [k for k in store.keys if k != "task_index" or not recorded]
     image_keys = [
-        k for k in store.keys if store[k].dtype == np.uint8 and store[k].ndim == 4 and store[k].shape[-1] == 3
+        k for k in keys if store[k].dtype == np.uint8 and store[k].ndim == 4 and store[k].shape[-1] == 3
     ]
-    low_keys = [k for k in store.keys if k not in image_keys]
+    low_keys = [k for k in keys if k not in image_keys]
     bad = [k for k in low_keys if store[k].dtype.kind not in "biuf"]
     if bad:
         raise ValueError(f"keys {bad} are neither numeric arrays nor (T, H, W, 3) uint8 images")
-    name_of = {k: known.get(k) or key_to_feature(k, k in image_keys) for k in store.keys}
-    task = task or str(store.attrs.get("task") or "")
+    name_of = {k: known.get(k) or key_to_feature(k, k in image_keys) for k in keys}
     with atomic_folder(target, overwrite) as tmp:
         robot_type = robot_type or source.get("robot_type")
-        _write_v3(store, tmp, fps, task, robot_type, image_keys, low_keys, name_of, crf, progress, pa, pq)
+        _write_v3(
+            store, tmp, fps, tasks, task_key, robot_type, image_keys, low_keys, name_of, crf, progress, pa, pq
+        )
     return target
 
 
@@ -544,7 +686,8 @@ def _write_v3(
     store: EpisodeStore,
     root: Path,
     fps: int,
-    task: str,
+    tasks: list[str],
+    task_key: str | None,
     robot_type: str | None,
     image_keys: list[str],
     low_keys: list[str],
@@ -555,11 +698,12 @@ def _write_v3(
     pq: Any,
 ) -> None:
     frame_bytes = sum(int(np.prod(store[k].shape[1:])) * store[k].dtype.itemsize for k in store.keys)
+    task_indices: list[np.ndarray] = []
     per_file = max(1, int(DATA_FILE_MB * 2**20 // max(1, frame_bytes)))
     features: dict[str, Any] = {}
     episode_rows: list[dict[str, Any]] = []
     sums: dict[str, list[np.ndarray]] = {k: [] for k in low_keys}
-    image_acc: dict[str, list[dict[str, Any]]] = {k: [] for k in image_keys}
+    histograms: dict[str, np.ndarray] = {}  # camera -> (C, 256) counts over the dataset
     pix_fmts: dict[str, str] = {}
     chunk, file_index = 0, 0
     buffer: dict[str, list[np.ndarray]] = {}
@@ -602,18 +746,28 @@ def _write_v3(
             for k in low_keys:
                 buffer.setdefault(k, []).append(ep[k])
                 sums[k].append(ep[k])
+            task_index = (
+                np.zeros(n, np.int64) if task_key is None else ep[task_key].reshape(n).astype(np.int64)
+            )
+            outside = task_index[(task_index < 0) | (task_index >= len(tasks))]
+            if outside.size:
+                raise ValueError(
+                    f"store key {task_key!r}, episode {i}: task index {int(outside[0])} is not one of the "
+                    f"{len(tasks)} tasks the store records (source.tasks)"
+                )
+            task_indices.append(task_index)
             book = {
                 "timestamp": (np.arange(n) / fps).astype(np.float32),
                 "frame_index": np.arange(n, dtype=np.int64),
                 "episode_index": np.full(n, i, np.int64),
                 "index": np.arange(start, start + n, dtype=np.int64),
-                "task_index": np.zeros(n, np.int64),
+                "task_index": task_index,
             }
             for b, v in book.items():
                 buffer.setdefault(b, []).append(v)
             row: dict[str, Any] = {
                 "episode_index": i,
-                "tasks": [task],
+                "tasks": [tasks[t] for t in dict.fromkeys(task_index.tolist())],  # in order of appearance
                 "length": n,
                 "data/chunk_index": chunk,
                 "data/file_index": file_index,
@@ -627,13 +781,14 @@ def _write_v3(
                 row[f"videos/{feature}/file_index"] = file_index
                 row[f"videos/{feature}/from_timestamp"] = offset / fps
                 row[f"videos/{feature}/to_timestamp"] = (offset + n) / fps
-                s = image_stats(ep[k])
-                image_acc[k].append(s)
-                for stat, value in s.items():
+                hist = image_histogram(ep[k])
+                histograms[k] = histograms[k] + hist if k in histograms else hist
+                for stat, value in image_stats(hist, n).items():
                     row[f"stats/{feature}/{stat}"] = value
-            for k in low_keys:
-                for stat, value in low_dim_stats(ep[k]).items():
-                    row[f"stats/{name_of[k]}/{stat}"] = value
+            columns = {name_of[k]: ep[k] for k in low_keys} | book
+            for feature, values in columns.items():  # LeRobot keeps every numeric feature's, bookkeeping too
+                for stat, value in low_dim_stats(values).items():
+                    row[f"stats/{feature}/{stat}"] = value
             row["meta/episodes/chunk_index"] = 0
             row["meta/episodes/file_index"] = 0
             episode_rows.append(row)
@@ -675,10 +830,10 @@ def _write_v3(
     path = root / EPISODES_PATH.format(chunk_index=0, file_index=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(episode_rows), path)
-    pq.write_table(_tasks_table([task]), meta / "tasks.parquet")
+    pq.write_table(_tasks_table(tasks), meta / "tasks.parquet")
     stats: dict[str, Any] = {name_of[k]: low_dim_stats(np.concatenate(v)) for k, v in sums.items()}
-    for k, per_episode in image_acc.items():
-        stats[name_of[k]] = _merge_image_stats(per_episode)
+    for k, hist in histograms.items():
+        stats[name_of[k]] = image_stats(hist, store.n_steps)
     n_steps = store.n_steps
     stats["index"] = low_dim_stats(np.arange(n_steps)[:, None])
     stats["episode_index"] = low_dim_stats(
@@ -690,14 +845,14 @@ def _write_v3(
     stats["timestamp"] = low_dim_stats(
         np.concatenate([np.arange(n) / fps for n in store.episode_lengths])[:, None]
     )
-    stats["task_index"] = low_dim_stats(np.zeros((n_steps, 1)))
+    stats["task_index"] = low_dim_stats(np.concatenate(task_indices))
     (meta / "stats.json").write_text(json.dumps(stats, indent=4))
     info = {
         "codebase_version": CODEBASE_VERSION,
         "robot_type": robot_type,
         "total_episodes": store.n_episodes,
         "total_frames": n_steps,
-        "total_tasks": 1,
+        "total_tasks": len(tasks),
         "chunks_size": CHUNKS_SIZE,
         "data_files_size_in_mb": DATA_FILE_MB,
         "video_files_size_in_mb": VIDEO_FILE_MB,
@@ -708,20 +863,3 @@ def _write_v3(
         "features": features,
     }
     (meta / "info.json").write_text(json.dumps(info, indent=4))
-
-
-def _merge_image_stats(per_episode: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dataset image stats from per-episode ones (count-weighted mean / variance, global min / max)."""
-    counts = np.array([s["count"][0] for s in per_episode], dtype=np.float64)
-    mean = np.array([s["mean"] for s in per_episode])
-    var = np.array([s["std"] for s in per_episode]) ** 2
-    w = (counts / counts.sum())[:, None, None, None]
-    total_mean = (w * mean).sum(0)
-    total_var = (w * (var + (mean - total_mean) ** 2)).sum(0)
-    return {
-        "min": np.min([s["min"] for s in per_episode], axis=0).tolist(),
-        "max": np.max([s["max"] for s in per_episode], axis=0).tolist(),
-        "mean": total_mean.tolist(),
-        "std": np.sqrt(total_var).tolist(),
-        "count": [int(counts.sum())],
-    }
