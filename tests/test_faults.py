@@ -219,6 +219,53 @@ def test_no_loadable_checkpoint_is_an_error_not_a_restart(tmp_path, traj_store):
     }
 
 
+class Payload:
+    """A pickle that runs code when loaded: it creates the file `marker` (what an attacker's would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_training_state_is_refused_not_run(tmp_path, traj_store, capsys):
+    """Issue 38 item 11: a `training_state.pt` replaced by a pickle whose payload creates a file. Resuming
+    refuses it by name, the payload never runs, and nothing in the run folder changes."""
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    args += [*__import__("conftest").TINY, "eval.n_episodes=0", "train.val_every=0"]
+    assert main([*args, "train.num_steps=8"]) == 0
+    marker = tmp_path / "payload-ran"
+    crafted = run / "checkpoints" / "latest" / "training_state.pt"
+    assert torch.load(crafted, weights_only=True)["step"] == 8  # what train writes needs no allowlist
+    torch.save({"step": 8, "model": Payload(marker)}, crafted)
+    before = tree_digest(run / "checkpoints")
+    assert main([*args, "train.num_steps=16"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the crafted pickle's payload ran"
+    assert err.count("\n") == 1 and str(crafted) in err and "not written by diffpolicy" in err, err
+    assert tree_digest(run / "checkpoints") == before
+    with pytest.raises(CheckpointError, match="holds objects other than tensors and plain data"):
+        load_training_state(crafted.parent)
+    assert not marker.exists()
+
+
+def test_training_state_of_the_old_format_still_loads(tmp_path):
+    """Training states written before issue 38 (numpy arrays in the RNG state) load without pickle's
+    arbitrary globals: only numpy's array reconstruction is allowed."""
+    old = {
+        "step": 3,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "topk": [(0.5, "x")],
+    }
+    (tmp_path / "ckpt").mkdir()
+    torch.save(old, tmp_path / "ckpt" / "training_state.pt")
+    state = load_training_state(tmp_path / "ckpt")
+    assert state["step"] == 3 and state["topk"] == [(0.5, "x")]
+    assert np.array_equal(state["rng"]["numpy"][1], old["rng"]["numpy"][1])
+
+
 # ----- two writers ----------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
     <checkpoint>/
       config.yaml         format tag, policy class, shape_meta, the full run config, step, metrics
       model.safetensors   policy weights (EMA weights when EMA is on), normalizer statistics included
-      training_state.pt   only in resumable checkpoints: raw weights, optimizer, LR schedule, EMA, RNG
+      training_state.pt   only in resumable checkpoints: raw weights, optimizer, LR schedule, EMA, RNG;
+                          tensors and plain data only, read with torch.load(weights_only=True), so a
+                          crafted file cannot run code (pickle's arbitrary objects are refused)
 
 A folder is written under a temporary name and renamed into place, so a reader never sees a half-written
 checkpoint; the previous version is removed (or kept as `previous`) only after the new one is in place, and
@@ -13,12 +15,14 @@ checkpoint; the previous version is removed (or kept as `previous`) only after t
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
@@ -35,6 +39,10 @@ TRAINING_STATE_FILE = "training_state.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, corrupt or does not match the policy it describes."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A training state holds objects other than tensors and plain data: loading it could run code."""
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -233,11 +241,43 @@ def load_weights(policy: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: the normalizer was saved unfitted")
 
 
+# Training states written before issue 38 hold numpy's RNG state as an array; these globals rebuild
+# a plain ndarray and nothing else (PyTorch's documented allowlist for numpy arrays). numpy 1.x pickles
+# name the module numpy.core, numpy 2.x numpy._core.
+_NUMPY_ARRAY_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+]
+
+
 def load_training_state(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's training_state.pt, read with `torch.load(weights_only=True)`: tensors, numbers,
+    strings and containers only. Raises UnsafeCheckpoint (without running anything) for a file holding
+    any other object, CheckpointError for a missing, corrupt or truncated one."""
     file = Path(path) / TRAINING_STATE_FILE
     if not file.exists():
         raise CheckpointError(f"{path} cannot resume training: {TRAINING_STATE_FILE} is missing")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise UnsafeCheckpoint(
+                f"{file} holds objects other than tensors and plain data ({found[1]}): it was not written by "
+                "diffpolicy, and loading it could run code, so it was not loaded and nothing was changed. "
+                "Restore the file from a copy you trust, or move the run folder aside"
+            ) from None
+        # not a PyTorch file at all; torch's message is a page of advice to load it with weights_only=False
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e))
+        raise CheckpointError(
+            f"{file} is corrupt or truncated: {detail[1] if detail else str(e).splitlines()[0]}"
+        ) from None
     except Exception as e:  # torch raises many types for truncated pickles/zips
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file} is not a diffpolicy training state (no 'step')")
+    return state

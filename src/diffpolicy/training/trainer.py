@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from diffpolicy.checkpoint import (
     CheckpointError,
+    UnsafeCheckpoint,
     load_training_state,
     read_config,
     recover_checkpoint,
@@ -166,7 +167,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNG states as tensors and plain data (numpy's key array as a tensor), which
+    `torch.load(weights_only=True)` reads back without allowing any pickled object."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -174,7 +179,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor, or an ndarray in states written before issue 38
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -268,7 +274,8 @@ class Trainer:
         """The checkpoint to resume from: `latest`, or `previous` when `latest` is missing or corrupt
         (with a warning naming what is wrong), as (path, training state, its run config); None when the
         folder holds no checkpoint. Raises CheckpointError when checkpoints exist but none loads, so a run
-        never silently starts again from step 0 over a checkpoint the user has."""
+        never silently starts again from step 0 over a checkpoint the user has, and UnsafeCheckpoint at
+        once for a training state holding pickled objects (someone replaced it: no quiet fallback)."""
         problems = []
         for name in ("latest", "previous"):
             path = self.ckpt_dir / name
@@ -277,6 +284,8 @@ class Trainer:
             try:
                 _, saved = read_config(path)
                 state = load_training_state(path)
+            except UnsafeCheckpoint:
+                raise
             except CheckpointError as e:
                 problems.append(str(e))
                 log.warning("cannot resume from %s: %s", path, e)
