@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +181,110 @@ def test_twenty_sigkills_at_random_moments(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "final weights identical to the uninterrupted run: True" in out.stdout
+
+
+# ----- SIGINT / SIGTERM ------------------------------------------------------------------------------------
+
+# Runs the CLI with a hook that, at one point, says so on stdout and waits until the test has sent its
+# signal and created the file `release` (the signal then arrives mid-step / mid-evaluation, at a known place).
+HELD_CLI = """
+import sys, time
+from pathlib import Path
+release = Path(sys.argv[1])
+def hold(label):
+    print(label, flush=True)
+    t = time.time()
+    while not release.exists() and time.time() - t < 120:
+        time.sleep(0.02)
+{patch}
+from diffpolicy.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+HOLD_AT_STEP_13 = """
+from diffpolicy.training.trainer import Trainer
+real = Trainer._after_optimizer_step
+def after(self, step):
+    real(self, step)
+    if step == 13:
+        hold("at step 13")
+Trainer._after_optimizer_step = after
+"""
+
+HOLD_AT_SECOND_BATCH = """
+from diffpolicy.control import RecedingHorizonController
+real, calls = RecedingHorizonController.reset, []
+def reset(self):  # called by the constructor, then at the start of each batch of episodes
+    calls.append(1)
+    if len(calls) == 3:
+        hold("second batch")
+    return real(self)
+RecedingHorizonController.reset = reset
+"""
+
+
+def run_held(tmp_path: Path, patch: str, args: list[str], sig: int) -> subprocess.CompletedProcess:
+    """Start the CLI with `args`, wait until `patch` holds it, send `sig`, release it, wait for the end."""
+    release = tmp_path / "release"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    script = HELD_CLI.format(patch=patch)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(release), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() in ("at step 13", "second batch"), line + proc.stderr.read()[-2000:]
+        proc.send_signal(sig)
+        time.sleep(0.3)  # the signal is handled (or kills) before the process goes on
+        release.touch()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, line + out, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_train_saves_and_the_run_resumes_exactly(tmp_path, traj_store, reference, sig):
+    """Issue 38 item 13: SIGTERM / SIGINT at step 13 of 24 (checkpoints every 8): the run saves a
+    checkpoint at the step it stops at (14: the step in progress finishes), says so in one line with no
+    traceback, exits 128 + the signal's number, and the rerun ends bit-identical to an uninterrupted run."""
+    run = tmp_path / "run"
+    args = ["train", "--preset", "trajectory2d_lowdim_unet", "--run-dir", str(run)]
+    args += [f"data.path={traj_store}", "eval.n_episodes=0", "train.val_every=0"]
+    args += [a for a in __import__("conftest").TINY if not a.startswith("eval.n_episodes")]
+    proc = run_held(tmp_path, HOLD_AT_STEP_13, args, sig)
+    assert proc.returncode == 128 + sig, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    assert f"stopped by {sig.name} at step 14" in proc.stdout, proc.stdout
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 14
+    assert hidden_leftovers(run / "checkpoints") == []
+    Trainer(make_cfg(traj_store), run).fit()
+    assert "resumed from" in (run / "train.log").read_text()
+    assert same_weights(run / "checkpoints" / "latest", reference)
+
+
+def test_a_signal_during_eval_keeps_the_finished_episodes(tmp_path, traj_store):
+    """Issue 38 item 13: SIGTERM while `diffpolicy eval` runs its second batch of 2 episodes: the report
+    keeps the 2 finished episodes, marked as a partial report of 6, and the command exits 143."""
+    run = tmp_path / "run"
+    Trainer(make_cfg(traj_store, "train.num_steps=8"), run).fit()
+    out = tmp_path / "report"
+    args = ["eval", "--checkpoint", str(run / "checkpoints" / "latest"), "--out", str(out), "--episodes", "6"]
+    args += ["eval.n_envs=2", "eval.max_steps=10", "eval.n_videos=0"]
+    proc = run_held(tmp_path, HOLD_AT_SECOND_BATCH, args, signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] == "SIGTERM" and report["n_episodes_planned"] == 6
+    assert report["n_episodes"] == 2 and [e["seed"] for e in report["episodes"]] == [100000, 100001]
+    assert "interrupted by SIGTERM after 2 of 6 episodes" in (out / "report.md").read_text()
+    assert "interrupted by SIGTERM after 2 of 6 episodes" in proc.stdout
 
 
 # ----- corrupt files, stale temporaries -----------------------------------------------------------------

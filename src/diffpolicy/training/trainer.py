@@ -66,6 +66,7 @@ from diffpolicy.data.formats import open_training_data
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_episodes
 from diffpolicy.files import RunLock
+from diffpolicy.interrupt import graceful_stop, stop_requested
 from diffpolicy.policy import BasePolicy, make_policy, normalizer_spec
 from diffpolicy.tasks import Task, make_task
 from diffpolicy.training.ema import EMA
@@ -619,10 +620,12 @@ class Trainer:
                 # resumed run would draw different noise than the run it continues
                 generator=torch.Generator().manual_seed(tc.seed),
             )
-            paused_at = self._train_loop(start, iter(loader))
-            if paused_at is not None:
-                return {"paused_at_step": paused_at}
-            return self._finish()
+            with graceful_stop():  # SIGINT / SIGTERM: save a checkpoint and return (see _train_loop)
+                paused_at = self._train_loop(start, iter(loader))
+                if paused_at is not None:
+                    stopped = {"interrupted": self._stopped_by} if self._stopped_by else {}
+                    return {"paused_at_step": paused_at, **stopped}
+                return self._finish()
         finally:
             if hasattr(self, "writer"):
                 self.writer.close()
@@ -648,8 +651,13 @@ class Trainer:
         return pause
 
     def _train_loop(self, start: int, batches: Iterator) -> int | None:
-        """Train from step `start`; returns the step it paused at, or None when it reached num_steps."""
+        """Train from step `start`; returns the step it paused at, or None when it reached num_steps.
+
+        A SIGINT / SIGTERM (`interrupt.graceful_stop`) ends the step in progress, saves `latest` at it and
+        pauses there (self._stopped_by names the signal); the request travels in the per-step all-reduce,
+        so every DDP rank stops after the same step."""
         tc = self.cfg.train
+        self._stopped_by: str | None = None
         params = [p for p in self.policy.parameters() if p.requires_grad]
         autocast = tc.mixed_precision == "bf16"
         bar = tqdm(
@@ -675,8 +683,9 @@ class Trainer:
             loss.backward()
             max_norm = tc.grad_clip_norm if tc.grad_clip_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # One small all-reduce keeps the stop decision and the logged loss identical on every rank.
-            stats = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+            # One small all-reduce keeps the stop decisions and the logged loss identical on every rank.
+            signalled = torch.tensor(float(stop_requested() is not None), device=grad_norm.device)
+            stats = torch.stack([loss.detach().float(), grad_norm.detach().float(), signalled])
             if self.world_size > 1:
                 dist.all_reduce(stats)
                 stats /= self.world_size
@@ -692,7 +701,11 @@ class Trainer:
             done = step + 1
             self._after_optimizer_step(done)
             bar.update(1)
-            pause = bool(tc.stop_at_step or tc.max_minutes) and self._should_pause(done)
+            if stats[2] > 0:  # a signal reached some rank: stop here, even at the last step
+                self._stopped_by = stop_requested() or "a signal to another rank"
+            pause = self._stopped_by is not None or (
+                bool(tc.stop_at_step or tc.max_minutes) and self._should_pause(done)
+            )
             if not self.is_main:
                 if pause:
                     bar.close()
@@ -719,23 +732,38 @@ class Trainer:
                     metrics["train/lr"],
                     metrics["train/grad_norm"],
                 )
-            if tc.val_every and done % tc.val_every == 0:
+            if self._stopped_by is None and tc.val_every and done % tc.val_every == 0:
                 val = self.validation_loss()
                 if val is not None:
                     self._log_metrics(done, {"val/loss": val})
                     log.info("step %d val loss %.5f", done, val)
                 self.policy.train()
-            if tc.eval_every and (done % tc.eval_every == 0 or done == tc.num_steps):
+            periodic_eval = tc.eval_every and (done % tc.eval_every == 0 or done == tc.num_steps)
+            if self._stopped_by is None and periodic_eval:
                 # the last step too, so that the final weights compete for the top k on the same episodes
                 out = self.run_dir / "eval_during_training" / f"step{done:07d}"
                 report = self.closed_loop_eval(done, tc.eval_episodes, out, seed=tc.eval_seed)
-                self._after_eval(done, report, prefix="val")
+                if report.get("interrupted"):  # a partial report ranks nothing; the next step pauses
+                    log.warning("step %d: the evaluation was interrupted; partial report in %s", done, out)
+                else:
+                    self._after_eval(done, report, prefix="val")
                 self.policy.train()
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 self.save_latest(done)
             if pause:
                 if not (tc.checkpoint_every and done % tc.checkpoint_every == 0):
                     self.save_latest(done)
+                if self._stopped_by is not None:
+                    log.warning(
+                        "stopped by %s at step %d of %d: checkpoint %s saved; run the same command again "
+                        "to resume",
+                        self._stopped_by,
+                        done,
+                        tc.num_steps,
+                        self.ckpt_dir / "latest",
+                    )
+                    bar.close()
+                    return done
                 log.info(
                     "paused at step %d of %d after %.1f training minutes (train.stop_at_step=%d, "
                     "train.max_minutes=%g); run the same command again to resume",
@@ -790,6 +818,16 @@ class Trainer:
         else:
             self.save_latest(tc.num_steps)  # a crash during the evaluation keeps the trained weights
             report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
+            if report.get("interrupted"):  # not finished: the same command reruns the final evaluation
+                log.warning(
+                    "the final evaluation was interrupted by %s after %d of %d episodes (partial report in "
+                    "%s); run the same command again to evaluate in full",
+                    report["interrupted"],
+                    report["n_episodes"],
+                    report["n_episodes_planned"],
+                    self.run_dir / "eval",
+                )
+                return report
             self._after_eval(tc.num_steps, report, prefix="eval")
             self._finished = True
             self.save_latest(tc.num_steps)  # records the final top-k list and marks the run finished
