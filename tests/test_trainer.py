@@ -36,8 +36,9 @@ def test_run_folder_holds_everything(tmp_path, traj_store):
     ):
         assert (run / name).exists(), name
     assert report["n_episodes"] == 2 and 0.0 <= report["success_rate"] <= 1.0
-    topk = list((run / "checkpoints" / "topk").iterdir())
-    assert len(topk) == 1 and topk[0].name.startswith("step=0000024")
+    # issue 38 item 15: without periodic evaluations (train.eval_every=0) nothing is ranked: a top-k entry
+    # would be chosen on the final evaluation's seeds, the episodes it is reported on
+    assert not (run / "checkpoints" / "topk").exists()
     policy, cfg = load_policy(run / "checkpoints" / "latest")
     assert cfg.train.num_steps == 24 and not policy.training
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

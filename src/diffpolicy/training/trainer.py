@@ -11,8 +11,8 @@ top-k and `latest` checkpoints, exact resume, and one run folder holding everyth
 
 Periodic evaluations run on a validation range of start states (train.eval_seed, logged as val/...) and
 rank the top-k checkpoints; the final one runs on the evaluation seeds (eval.seed, logged as eval/...), so
-a checkpoint is never picked on the episodes it is reported on. With train.eval_every=0 the final
-checkpoint is the only top-k entry.
+a checkpoint is never picked on the episodes it is reported on. With train.eval_every=0 nothing is
+ranked and checkpoints/topk is not written (`latest` holds the final weights).
 
 Multi-process / multi-GPU: launch the same command with `torchrun --nproc_per_node N -m diffpolicy.cli
 train ...`. PyTorch DDP (gloo on CPU, nccl on GPU) averages gradients; train.batch_size is the GLOBAL
@@ -789,7 +789,7 @@ class Trainer:
 
     def _after_eval(self, step: int, report: dict[str, Any], prefix: str) -> None:
         """Log a closed-loop evaluation as `prefix`/...; rank the checkpoint in the top k when it is a
-        periodic one (prefix val), or the final one of a run without periodic evaluations."""
+        periodic one (prefix val): the final evaluation's episodes (prefix eval) never choose a checkpoint."""
         metrics = {
             f"{prefix}/success_rate": report["success_rate"],
             f"{prefix}/mean_max_reward": report["mean_max_reward"],
@@ -803,7 +803,7 @@ class Trainer:
             report["mean_max_reward"],
             report["seeds"][0],
         )
-        if prefix == "val" or not self.cfg.train.eval_every:
+        if prefix == "val":
             self._update_topk(step, report["mean_max_reward"], metrics)
 
     def _finish(self) -> dict[str, Any]:
