@@ -346,6 +346,12 @@ def _print_summary(report: dict, out: Path) -> None:
             f"{out.parent / 'checkpoints' / 'latest'}; run the same command again to resume"
         )
         return
+    if report.get("already_paused"):
+        print(
+            f"the run is already paused at step {report['paused_at_step']} (train.stop_at_step / "
+            "train.max_minutes reached): nothing was done; raise them (0: off) to continue"
+        )
+        return
     if "paused_at_step" in report:
         print(
             f"paused at step {report['paused_at_step']} (train.stop_at_step / train.max_minutes): "

@@ -620,6 +620,17 @@ class Trainer:
                 # resumed run would draw different noise than the run it continues
                 generator=torch.Generator().manual_seed(tc.seed),
             )
+            if start and self._should_pause(start):  # rerun of a paused run with the same pause settings
+                log.warning(
+                    "the run is already paused at step %d of %d (train.stop_at_step=%d, train.max_minutes=%g;"
+                    " %.3g minutes trained): nothing to do; raise them (0: off) to continue",
+                    start,
+                    tc.num_steps,
+                    tc.stop_at_step,
+                    tc.max_minutes,
+                    self.elapsed_s() / 60,
+                )
+                return {"paused_at_step": start, "already_paused": True}
             with graceful_stop():  # SIGINT / SIGTERM: save a checkpoint and return (see _train_loop)
                 paused_at = self._train_loop(start, iter(loader))
                 if paused_at is not None:
