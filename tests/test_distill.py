@@ -776,3 +776,27 @@ def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
         DistillTrainer(
             distill_config(v_pair[0], [*DISTILL, *DMD, "distill.num_steps=2"]), tmp_path / "cm"
         ).fit()
+
+
+def test_a_refused_distillation_creates_nothing_and_resumes_name_distill_keys(tmp_path, teacher, capsys):
+    """Issue 38 item 15: a distillation refused by its teacher leaves no run folder; a finished or
+    shortened distillation is refused naming distill.num_steps (train.num_steps cannot be set in a
+    distillation run), and raising distill.num_steps continues it, as train does with train.num_steps."""
+    refused = tmp_path / "eps"
+    args = ["distill", "--teacher", str(teacher), "--run-dir", str(refused), *DISTILL, *DMD]
+    assert main(args) == 2
+    assert "prediction_type=v_prediction" in capsys.readouterr().err
+    assert not refused.exists()
+    run = tmp_path / "cm"
+    args = ["distill", "--teacher", str(teacher), "--run-dir", str(run), *DISTILL, "eval.n_episodes=0"]
+    assert main([*args, "distill.num_steps=4"]) == 0
+    capsys.readouterr()
+    for steps, message in (
+        (4, "holds a finished run (step 4 of distill.num_steps=4)"),
+        (2, "distill.num_steps=2 is below"),
+    ):
+        assert main([*args, f"distill.num_steps={steps}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "train.num_steps" not in err, err
+    assert main([*args, "distill.num_steps=6"]) == 0
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 6

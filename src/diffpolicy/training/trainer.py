@@ -219,6 +219,9 @@ RESUMABLE_CHANGES = (
 
 
 class Trainer:
+    # The key that sets train.num_steps on the command line, for messages (a distillation's is its own).
+    num_steps_key = "train.num_steps"
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -350,17 +353,17 @@ class Trainer:
                 f"{'; '.join(diffs)}. These keys cannot change mid-run; use another run folder (or resume "
                 "with the same config)."
             )
-        num_steps = self.cfg.train.num_steps
+        num_steps, key = self.cfg.train.num_steps, self.num_steps_key
         if num_steps < step:
             raise RunExists(
-                f"train.num_steps={num_steps} is below the step the run in {self.run_dir} already reached "
+                f"{key}={num_steps} is below the step the run in {self.run_dir} already reached "
                 f"({step}, checkpoint {path}): a checkpoint is never relabelled; evaluate it as it is, or "
                 "use another run folder / --overwrite to train again"
             )
         if finished and num_steps == step:
             raise RunFinished(
-                f"{self.run_dir} holds a finished run (step {step} of train.num_steps={num_steps}); nothing "
-                "to do. Raise train.num_steps to continue it, evaluate it with diffpolicy eval, or use "
+                f"{self.run_dir} holds a finished run (step {step} of {key}={num_steps}); nothing "
+                f"to do. Raise {key} to continue it, evaluate it with diffpolicy eval, or use "
                 "another run folder / --overwrite to train again"
             )
         if finished and (self.run_dir / "eval").exists():  # its final report stays, under its step
@@ -570,7 +573,10 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        """Train to cfg.train.num_steps (resuming from `latest` if present), then evaluate."""
+        """Train to cfg.train.num_steps (resuming from `latest` if present), then evaluate.
+
+        A run folder that this call created is removed again when the run is refused (or fails) before
+        its first training step: a refusal leaves nothing behind."""
         from torch.utils.tensorboard import SummaryWriter
 
         tc = self.cfg.train
@@ -578,6 +584,7 @@ class Trainer:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             # generous timeout: the other ranks wait while rank 0 evaluates in closed loop
             dist.init_process_group(backend, timeout=timedelta(hours=2))
+        created = self.is_main and not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir).acquire() if self.is_main else None  # before anything is written
         try:
@@ -587,6 +594,7 @@ class Trainer:
                 lock.release()
             raise
         self._elapsed_before, self._t0 = 0.0, time.perf_counter()
+        started = refused = False
         try:
             point = self._prepare_run_folder()
             seed_everything(tc.seed)
@@ -620,6 +628,7 @@ class Trainer:
                 # resumed run would draw different noise than the run it continues
                 generator=torch.Generator().manual_seed(tc.seed),
             )
+            started = True
             if start and self._should_pause(start):  # rerun of a paused run with the same pause settings
                 log.warning(
                     "the run is already paused at step %d of %d (train.stop_at_step=%d, train.max_minutes=%g;"
@@ -637,6 +646,9 @@ class Trainer:
                     stopped = {"interrupted": self._stopped_by} if self._stopped_by else {}
                     return {"paused_at_step": paused_at, **stopped}
                 return self._finish()
+        except BaseException:
+            refused = created and not started
+            raise
         finally:
             if hasattr(self, "writer"):
                 self.writer.close()
@@ -646,6 +658,8 @@ class Trainer:
                 dist.destroy_process_group()
             if lock is not None:
                 lock.release()
+            if refused:  # everything in it is this call's: config.yaml, train.log, .lock, an import
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _should_pause(self, done: int) -> bool:
         """train.stop_at_step / train.max_minutes reached (never at the last step: that one finishes).
