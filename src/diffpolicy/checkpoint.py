@@ -14,13 +14,15 @@ checkpoint; the previous version is removed (or kept as `previous`) only after t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -111,6 +113,53 @@ def recover_checkpoints(folder: str | Path) -> list[str]:
     return [note for name in sorted(names) for note in recover_checkpoint(folder / name)]
 
 
+@contextlib.contextmanager
+def _naming_os_errors(file: Path) -> Iterator[None]:
+    """A failing write of `file` (a full disk, a read-only mount) raises OSError naming it, whichever
+    library wrote it: Python's own write errors lack the name, safetensors wraps them in a SafetensorError
+    ("... (os error 28)"), so that the CLI can say `the disk is full (<file>)`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(file)) from None
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+
+
+class _KeepOSError:
+    """The file torch.save writes to: it keeps the OSError of a failing write, which torch's zip writer
+    replaces with a RuntimeError about stream positions (`[enforce fail at inline_container.cc]`)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, file: Path) -> None:
+    with _naming_os_errors(file), open(file, "wb") as f:
+        out = _KeepOSError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
 def save_checkpoint(
     path: str | Path,
     policy: torch.nn.Module,
@@ -137,12 +186,13 @@ def save_checkpoint(
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "run": to_dict(run_cfg),
         }
-        with open(tmp / CONFIG_FILE, "w") as f:
+        with _naming_os_errors(tmp / CONFIG_FILE), open(tmp / CONFIG_FILE, "w") as f:
             yaml.safe_dump(meta, f, sort_keys=False)
         state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        with _naming_os_errors(tmp / WEIGHTS_FILE):
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            _torch_save(training_state, tmp / TRAINING_STATE_FILE)
         share_like_umask(tmp)
         for file in tmp.iterdir():
             with open(file, "rb") as f:
