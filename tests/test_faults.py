@@ -25,6 +25,7 @@ import yaml
 from conftest import tiny_config
 
 import diffpolicy.checkpoint as checkpoint_module
+import diffpolicy.training.trainer as trainer_module
 from diffpolicy.checkpoint import CheckpointError, load_training_state, save_checkpoint
 from diffpolicy.cli import main
 from diffpolicy.control import RecedingHorizonController
@@ -372,6 +373,10 @@ def test_training_state_of_the_old_format_still_loads(tmp_path):
     state = load_training_state(tmp_path / "ckpt")
     assert state["step"] == 3 and state["topk"] == [(0.5, "x")]
     assert np.array_equal(state["rng"]["numpy"][1], old["rng"]["numpy"][1])
+    expected = np.random.rand(3)  # what numpy draws next from the saved state
+    np.random.seed(1)
+    trainer_module._set_rng_state(state["rng"])  # a resume puts the old state back
+    assert np.array_equal(np.random.rand(3), expected)
 
 
 # ----- two writers ----------------------------------------------------------------------------------------
