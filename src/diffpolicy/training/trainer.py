@@ -643,6 +643,8 @@ class Trainer:
             with graceful_stop():  # SIGINT / SIGTERM: save a checkpoint and return (see _train_loop)
                 paused_at = self._train_loop(start, iter(loader))
                 if paused_at is not None:
+                    if not self.is_main:  # rank 0 reports (and prints) for the run
+                        return {}
                     stopped = {"interrupted": self._stopped_by} if self._stopped_by else {}
                     return {"paused_at_step": paused_at, **stopped}
                 return self._finish()
