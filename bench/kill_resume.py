@@ -101,7 +101,7 @@ def resumed_from(run: Path, seen: int) -> tuple[int | None, int]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     ckpt = run / "checkpoints" / "latest"
-    state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
     ema = load_file(str(ckpt / "model.safetensors"))
     return {**{f"raw.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in ema.items()}}
 

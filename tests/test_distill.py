@@ -776,3 +776,100 @@ def test_dmd_needs_a_v_teacher_and_valid_settings(teacher, v_pair, tmp_path):
         DistillTrainer(
             distill_config(v_pair[0], [*DISTILL, *DMD, "distill.num_steps=2"]), tmp_path / "cm"
         ).fit()
+
+
+def test_a_refused_distillation_creates_nothing_and_resumes_name_distill_keys(tmp_path, teacher, capsys):
+    """Issue 38 item 15: a distillation refused by its teacher leaves no run folder; a finished or
+    shortened distillation is refused naming distill.num_steps (train.num_steps cannot be set in a
+    distillation run), and raising distill.num_steps continues it, as train does with train.num_steps."""
+    refused = tmp_path / "eps"
+    args = ["distill", "--teacher", str(teacher), "--run-dir", str(refused), *DISTILL, *DMD]
+    assert main(args) == 2
+    assert "prediction_type=v_prediction" in capsys.readouterr().err
+    assert not refused.exists()
+    run = tmp_path / "cm"
+    args = ["distill", "--teacher", str(teacher), "--run-dir", str(run), *DISTILL, "eval.n_episodes=0"]
+    assert main([*args, "distill.num_steps=4"]) == 0
+    capsys.readouterr()
+    for steps, message in (
+        (4, "holds a finished run (step 4 of distill.num_steps=4)"),
+        (2, "distill.num_steps=2 is below"),
+    ):
+        assert main([*args, f"distill.num_steps={steps}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "train.num_steps" not in err, err
+    assert main([*args, "distill.num_steps=6"]) == 0
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 6
+
+
+def test_every_network_of_a_distillation_step_sees_one_view_of_each_camera():
+    """Deviation of issue 38: with a random crop (training), the student saw one crop and the teacher,
+    the target network (centre crops) and DMD's fake network (its own random crop) others, so the
+    consistency target was computed on another view. Now one crop is drawn per sample and every network
+    of the step encodes exactly that view (its backbone's input is the same tensor)."""
+    from conftest import tiny_image_policy
+
+    from diffpolicy.models.rgb import RgbEncoder
+
+    teacher = tiny_image_policy("policy.scheduler.prediction_type=v_prediction").requires_grad_(False)
+    cfg = copy.deepcopy(teacher.cfg)
+    cfg.type, cfg.scheduler.sampler = "consistency", "consistency"
+    cfg.consistency.original_inference_steps = 20
+    student = ConsistencyPolicy(cfg, teacher.shape_meta)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    student.train()
+    B, T = 6, teacher.n_obs_steps
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "obs": {
+            "image": torch.rand(B, T, 3, 32, 32, generator=g),
+            "agent_pos": torch.rand(B, T, 2, generator=g),
+        },
+        "action": torch.rand(B, cfg.horizon, 2, generator=g) * 512,
+        "action_is_pad": torch.zeros(B, cfg.horizon, dtype=torch.bool),
+    }
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(name, policy):
+        (encoder,) = [m for m in policy.modules() if isinstance(m, RgbEncoder)]
+        for backbone in encoder.backbones.values():
+            backbone.register_forward_pre_hook(
+                lambda m, args: seen.setdefault(name, []).append(args[0].detach())
+            )
+
+    target = copy.deepcopy(student).eval()
+    cm = ConsistencyDistillation(student, teacher, target, DistillConfig(solver_span="one"))
+    dmd = DistributionMatching(student, teacher, DistillConfig(objective="dmd"), distributed=False)
+    for name, policy in (
+        ("student", student),
+        ("teacher", teacher),
+        ("target", target),
+        ("fake", dmd.fake.net),
+    ):
+        record(name, policy)
+    torch.manual_seed(0)
+    for loss in (cm, dmd):
+        seen.clear()
+        loss(batch)
+        views = [(name, x) for name, xs in seen.items() for x in xs]
+        assert {name for name, _ in views} >= {"student", "teacher"} | (
+            {"target"} if loss is cm else {"fake"}
+        )
+        first = views[0][1]
+        assert first.shape[-2:] == (28, 28)  # the crop, not the 32x32 frame
+        for name, x in views:
+            assert torch.equal(x, first), f"{type(loss).__name__}: the {name} sees another view"
+        # one crop per sample: the samples' views are not all cut at one place
+        frames = first.view(B, T, 3, 28, 28)[:, 0]
+        offsets = {
+            next(
+                (dy, dx)
+                for dy in range(5)
+                for dx in range(5)
+                if torch.allclose(
+                    batch["obs"]["image"][b, 0, :, dy : dy + 28, dx : dx + 28] * 2 - 1, frames[b], atol=1e-5
+                )
+            )
+            for b in range(B)
+        }
+        assert len(offsets) > 1

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ import yaml
 from conftest import tiny_config
 
 import diffpolicy.checkpoint as checkpoint_module
+import diffpolicy.training.trainer as trainer_module
 from diffpolicy.checkpoint import CheckpointError, load_training_state, save_checkpoint
 from diffpolicy.cli import main
 from diffpolicy.control import RecedingHorizonController
@@ -180,6 +185,110 @@ def test_twenty_sigkills_at_random_moments(tmp_path):
     assert "final weights identical to the uninterrupted run: True" in out.stdout
 
 
+# ----- SIGINT / SIGTERM ------------------------------------------------------------------------------------
+
+# Runs the CLI with a hook that, at one point, says so on stdout and waits until the test has sent its
+# signal and created the file `release` (the signal then arrives mid-step / mid-evaluation, at a known place).
+HELD_CLI = """
+import sys, time
+from pathlib import Path
+release = Path(sys.argv[1])
+def hold(label):
+    print(label, flush=True)
+    t = time.time()
+    while not release.exists() and time.time() - t < 120:
+        time.sleep(0.02)
+{patch}
+from diffpolicy.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+HOLD_AT_STEP_13 = """
+from diffpolicy.training.trainer import Trainer
+real = Trainer._after_optimizer_step
+def after(self, step):
+    real(self, step)
+    if step == 13:
+        hold("at step 13")
+Trainer._after_optimizer_step = after
+"""
+
+HOLD_AT_SECOND_BATCH = """
+from diffpolicy.control import RecedingHorizonController
+real, calls = RecedingHorizonController.reset, []
+def reset(self):  # called by the constructor, then at the start of each batch of episodes
+    calls.append(1)
+    if len(calls) == 3:
+        hold("second batch")
+    return real(self)
+RecedingHorizonController.reset = reset
+"""
+
+
+def run_held(tmp_path: Path, patch: str, args: list[str], sig: int) -> subprocess.CompletedProcess:
+    """Start the CLI with `args`, wait until `patch` holds it, send `sig`, release it, wait for the end."""
+    release = tmp_path / "release"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    script = HELD_CLI.format(patch=patch)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(release), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() in ("at step 13", "second batch"), line + proc.stderr.read()[-2000:]
+        proc.send_signal(sig)
+        time.sleep(0.3)  # the signal is handled (or kills) before the process goes on
+        release.touch()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, line + out, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_train_saves_and_the_run_resumes_exactly(tmp_path, traj_store, reference, sig):
+    """Issue 38 item 13: SIGTERM / SIGINT at step 13 of 24 (checkpoints every 8): the run saves a
+    checkpoint at the step it stops at (14: the step in progress finishes), says so in one line with no
+    traceback, exits 128 + the signal's number, and the rerun ends bit-identical to an uninterrupted run."""
+    run = tmp_path / "run"
+    args = ["train", "--preset", "trajectory2d_lowdim_unet", "--run-dir", str(run)]
+    args += [f"data.path={traj_store}", "eval.n_episodes=0", "train.val_every=0"]
+    args += [a for a in __import__("conftest").TINY if not a.startswith("eval.n_episodes")]
+    proc = run_held(tmp_path, HOLD_AT_STEP_13, args, sig)
+    assert proc.returncode == 128 + sig, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    assert f"stopped by {sig.name} at step 14" in proc.stdout, proc.stdout
+    assert load_training_state(run / "checkpoints" / "latest")["step"] == 14
+    assert hidden_leftovers(run / "checkpoints") == []
+    Trainer(make_cfg(traj_store), run).fit()
+    assert "resumed from" in (run / "train.log").read_text()
+    assert same_weights(run / "checkpoints" / "latest", reference)
+
+
+def test_a_signal_during_eval_keeps_the_finished_episodes(tmp_path, traj_store):
+    """Issue 38 item 13: SIGTERM while `diffpolicy eval` runs its second batch of 2 episodes: the report
+    keeps the 2 finished episodes, marked as a partial report of 6, and the command exits 143."""
+    run = tmp_path / "run"
+    Trainer(make_cfg(traj_store, "train.num_steps=8"), run).fit()
+    out = tmp_path / "report"
+    args = ["eval", "--checkpoint", str(run / "checkpoints" / "latest"), "--out", str(out), "--episodes", "6"]
+    args += ["eval.n_envs=2", "eval.max_steps=10", "eval.n_videos=0"]
+    proc = run_held(tmp_path, HOLD_AT_SECOND_BATCH, args, signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] == "SIGTERM" and report["n_episodes_planned"] == 6
+    assert report["n_episodes"] == 2 and [e["seed"] for e in report["episodes"]] == [100000, 100001]
+    assert "interrupted by SIGTERM after 2 of 6 episodes" in (out / "report.md").read_text()
+    assert "interrupted by SIGTERM after 2 of 6 episodes" in proc.stdout
+
+
 # ----- corrupt files, stale temporaries -----------------------------------------------------------------
 
 
@@ -217,6 +326,57 @@ def test_no_loadable_checkpoint_is_an_error_not_a_restart(tmp_path, traj_store):
     assert {k: v for k, v in after.items() if k != "train.log"} == {
         k: v for k, v in before.items() if k != "train.log"
     }
+
+
+class Payload:
+    """A pickle that runs code when loaded: it creates the file `marker` (what an attacker's would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_training_state_is_refused_not_run(tmp_path, traj_store, capsys):
+    """Issue 38 item 11: a `training_state.pt` replaced by a pickle whose payload creates a file. Resuming
+    refuses it by name, the payload never runs, and nothing in the run folder changes."""
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    args += [*__import__("conftest").TINY, "eval.n_episodes=0", "train.val_every=0"]
+    assert main([*args, "train.num_steps=8"]) == 0
+    marker = tmp_path / "payload-ran"
+    crafted = run / "checkpoints" / "latest" / "training_state.pt"
+    assert torch.load(crafted, weights_only=True)["step"] == 8  # what train writes needs no allowlist
+    torch.save({"step": 8, "model": Payload(marker)}, crafted)
+    before = tree_digest(run / "checkpoints")
+    assert main([*args, "train.num_steps=16"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the crafted pickle's payload ran"
+    assert err.count("\n") == 1 and str(crafted) in err and "not written by diffpolicy" in err, err
+    assert tree_digest(run / "checkpoints") == before
+    with pytest.raises(CheckpointError, match="holds objects other than tensors and plain data"):
+        load_training_state(crafted.parent)
+    assert not marker.exists()
+
+
+def test_training_state_of_the_old_format_still_loads(tmp_path):
+    """Training states written before issue 38 (numpy arrays in the RNG state) load without pickle's
+    arbitrary globals: only numpy's array reconstruction is allowed."""
+    old = {
+        "step": 3,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "topk": [(0.5, "x")],
+    }
+    (tmp_path / "ckpt").mkdir()
+    torch.save(old, tmp_path / "ckpt" / "training_state.pt")
+    state = load_training_state(tmp_path / "ckpt")
+    assert state["step"] == 3 and state["topk"] == [(0.5, "x")]
+    assert np.array_equal(state["rng"]["numpy"][1], old["rng"]["numpy"][1])
+    expected = np.random.rand(3)  # what numpy draws next from the saved state
+    np.random.seed(1)
+    trainer_module._set_rng_state(state["rng"])  # a resume puts the old state back
+    assert np.array_equal(np.random.rand(3), expected)
 
 
 # ----- two writers ----------------------------------------------------------------------------------------
@@ -322,73 +482,153 @@ def test_eval_never_writes_inside_a_checkpoint(tmp_path, traj_store, capsys):
 # ----- disk full, read-only folders, permissions -----------------------------------------------------
 
 
-def test_disk_full_during_a_save_keeps_the_last_checkpoint(tmp_path, traj_store, monkeypatch, capsys):
-    """ENOSPC while writing the step-16 checkpoint (simulated: torch.save raises errno 28). The CLI prints
-    one line, the step-8 checkpoint is intact, no temporary is left, and the rerun resumes from it."""
-    run = tmp_path / "run"
-    real_save = torch.save
-    calls = {"n": 0}
-
-    def full_disk(obj, f, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *a, **k)
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
-    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
-    args += [*__import__("conftest").TINY, "eval.n_episodes=0", "train.val_every=0"]
-    assert main(args) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert "error: the disk is full" in err and "training_state.pt" in err
-    assert load_training_state(run / "checkpoints" / "latest")["step"] == 8
-    assert hidden_leftovers(run / "checkpoints") == []
-    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
-    assert main(args) == 0
-    assert load_training_state(run / "checkpoints" / "latest")["step"] == 24
+def in_mount_namespace(tmp_path: Path, setup: str, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `python -c script *args` in a private mount namespace after the shell commands `setup` (mounts:
+    they vanish with the process, nothing is left mounted). As root `unshare --mount` is enough (how CI
+    runs); otherwise a user namespace maps the user to root inside it. Skips, naming what the kernel
+    refused, where neither is allowed."""
+    if not shutil.which("unshare"):
+        pytest.skip(
+            "util-linux's unshare is not installed: no private mount namespace for a real file system"
+        )
+    userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    shell = f'{setup} || exit 97\nexec "$@"'
+    cmd = ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c", shell, "sh"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode == 97 or (proc.returncode != 0 and proc.stderr.startswith("unshare:")):
+        pytest.skip(
+            f"the kernel refused a private mount ({' '.join(cmd[:-4])}): {proc.stderr.strip()[-300:]}"
+        )
+    return proc
 
 
-def test_a_real_full_file_system(tmp_path):
-    """A size-limited file system needs mounting rights (tmpfs size=, a loop device); none is mounted
-    here without them, so the ENOSPC path is covered by the simulation above."""
-    small = os.environ.get("DIFFPOLICY_SMALL_FS")  # a writable mount of a few MB, if CI provides one
-    if not small:
-        pytest.skip("no size-limited file system available without root (set DIFFPOLICY_SMALL_FS)")
-    policy = make_policy(tiny_config().policy, {"obs": {"x": {"shape": [2]}}, "action": {"shape": [2]}})
-    target = Path(small) / "ckpt"
-    filler = Path(small) / "filler"
+FULL_DISK = """
+import errno, json, os, sys
+from pathlib import Path
+from diffpolicy.checkpoint import load_training_state
+from diffpolicy.cli import main
+from diffpolicy.training.trainer import Trainer
+
+small, args = Path(sys.argv[1]), sys.argv[2:]
+filler = small / "filler"
+
+def fill(leave: int) -> None:
+    # the file system full, then `leave` bytes freed again
     try:
-        with open(filler, "wb") as f, pytest.raises(OSError) as e:
+        with open(filler, "wb") as f:
             while True:
-                f.write(b"\0" * (1 << 20))
-        assert e.value.errno == errno.ENOSPC
-        with pytest.raises(OSError):
-            save_checkpoint(target, policy, tiny_config())
-        assert not target.exists() and not list(Path(small).glob(".ckpt.*"))
-    finally:
-        filler.unlink(missing_ok=True)
+                f.write(bytes(1 << 16))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+real, filled = Trainer.save_latest, []
+def save_latest(self, step):
+    if step == 16 and not filled:  # room for config.yaml and the weights, not the training state
+        filled.append(step)
+        fill(leave=(self.ckpt_dir / "latest" / "model.safetensors").stat().st_size + (1 << 17))
+    return real(self, step)
+Trainer.save_latest = save_latest
+
+result = {"rc": main(args)}
+sys.stderr.flush()
+ckpt = small / "run" / "checkpoints"
+result["step"] = load_training_state(ckpt / "latest")["step"]
+result["hidden"] = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("."))
+filler.unlink()
+result["rerun_rc"] = main(args)
+result["rerun_step"] = load_training_state(ckpt / "latest")["step"]
+print(json.dumps(result))
+"""
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions: chmod cannot block writes")
-def test_read_only_run_folder_is_one_line(tmp_path, traj_store, capsys):
+def test_a_real_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, traj_store):
+    """Issue 38 item 14: a real full file system (an 8 MB tmpfs, filled before the step-16 save leaves room
+    for all but the training state). The CLI prints one line saying the disk is full and naming the file
+    (not torch's `inline_container.cc` message), exit 1; the step-8 checkpoint is intact, no temporary is
+    left, and once space is freed the same command resumes and finishes."""
+    small = tmp_path / "small"
+    small.mkdir()
+    args = ["train", "--run-dir", str(small / "run"), "--preset", "trajectory2d_lowdim_unet"]
+    args += [
+        f"data.path={traj_store}",
+        *__import__("conftest").TINY,
+        "eval.n_episodes=0",
+        "train.val_every=0",
+    ]
+    proc = in_mount_namespace(
+        tmp_path, f'mount -t tmpfs -o size=8m tmpfs "{small}"', FULL_DISK, str(small), *args
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    err = [line for line in proc.stderr.splitlines() if line.startswith("diffpolicy train")]
+    assert result["rc"] == 1 and len(err) == 1, proc.stderr[-3000:]
+    assert "error: the disk is full" in err[0] and "training_state.pt" in err[0], err[0]
+    assert "inline_container" not in proc.stderr and "Traceback" not in proc.stderr
+    assert result["step"] == 8 and result["hidden"] == []
+    assert result["rerun_rc"] == 0 and result["rerun_step"] == 24
+
+
+def test_a_full_disk_at_any_file_of_a_save_names_it(tmp_path):
+    """The same at the first two files of a save on a real full tmpfs: config.yaml (written by Python) and
+    model.safetensors (written by safetensors' Rust code): OSError ENOSPC naming the file, nothing left."""
+    small = tmp_path / "small"
+    small.mkdir()
+    script = """
+import errno, json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_config
+from diffpolicy.checkpoint import save_checkpoint
+from diffpolicy.policy import make_policy
+small = Path(sys.argv[1])
+policy = make_policy(tiny_config().policy, {"obs": {"x": {"shape": [2]}}, "action": {"shape": [2]}})
+out = []
+for leave in (0, 1 << 14):
+    filler = small / "filler"
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(bytes(1 << 16))
+    except OSError:
+        pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    try:
+        save_checkpoint(small / "ckpt", policy, tiny_config())
+        out.append("saved")
+    except OSError as e:
+        out.append([e.errno, Path(e.filename).name if e.filename else None])
+    out.append(sorted(p.name for p in small.iterdir()))
+    filler.unlink()
+print(json.dumps(out))
+"""
+    setup = f'mount -t tmpfs -o size=2m tmpfs "{small}"'
+    proc = in_mount_namespace(tmp_path, setup, script, str(small), str(ROOT / "tests"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == [
+        [errno.ENOSPC, "config.yaml"],
+        ["filler"],
+        [errno.ENOSPC, "model.safetensors"],
+        ["filler"],
+    ]
+
+
+def test_read_only_run_folder_is_one_line(tmp_path, traj_store):
+    """A run folder on a read-only mount (a read-only bind mount: unlike chmod, it holds for root too)."""
     run = tmp_path / "run"
     run.mkdir()
-    run.chmod(0o500)
-    try:
-        args = [
-            "train",
-            "--run-dir",
-            str(run),
-            "--preset",
-            "trajectory2d_lowdim_unet",
-            f"data.path={traj_store}",
-        ]
-        assert main(args) == 1
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "error: permission denied" in err and str(run) in err
-    finally:
-        run.chmod(0o700)
+    setup = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}"'
+    script = "import sys\nfrom diffpolicy.cli import main\nsys.exit(main(sys.argv[1:]))"
+    args = ["train", "--run-dir", str(run), "--preset", "trajectory2d_lowdim_unet", f"data.path={traj_store}"]
+    proc = in_mount_namespace(tmp_path, setup, script, *args)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"error: read-only file system ({run / '.lock'}): choose a writable folder" in proc.stderr
+    assert list(run.iterdir()) == []
 
 
 def test_permission_errors_are_one_line(tmp_path, traj_store, monkeypatch, capsys):

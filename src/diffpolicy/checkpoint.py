@@ -3,7 +3,9 @@
     <checkpoint>/
       config.yaml         format tag, policy class, shape_meta, the full run config, step, metrics
       model.safetensors   policy weights (EMA weights when EMA is on), normalizer statistics included
-      training_state.pt   only in resumable checkpoints: raw weights, optimizer, LR schedule, EMA, RNG
+      training_state.pt   only in resumable checkpoints: raw weights, optimizer, LR schedule, EMA, RNG;
+                          tensors and plain data only, read with torch.load(weights_only=True), so a
+                          crafted file cannot run code (pickle's arbitrary objects are refused)
 
 A folder is written under a temporary name and renamed into place, so a reader never sees a half-written
 checkpoint; the previous version is removed (or kept as `previous`) only after the new one is in place, and
@@ -12,13 +14,17 @@ checkpoint; the previous version is removed (or kept as `previous`) only after t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
@@ -35,6 +41,10 @@ TRAINING_STATE_FILE = "training_state.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, corrupt or does not match the policy it describes."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A training state holds objects other than tensors and plain data: loading it could run code."""
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -103,6 +113,53 @@ def recover_checkpoints(folder: str | Path) -> list[str]:
     return [note for name in sorted(names) for note in recover_checkpoint(folder / name)]
 
 
+@contextlib.contextmanager
+def _naming_os_errors(file: Path) -> Iterator[None]:
+    """A failing write of `file` (a full disk, a read-only mount) raises OSError naming it, whichever
+    library wrote it: Python's own write errors lack the name, safetensors wraps them in a SafetensorError
+    ("... (os error 28)"), so that the CLI can say `the disk is full (<file>)`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(file)) from None
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+
+
+class _KeepOSError:
+    """The file torch.save writes to: it keeps the OSError of a failing write, which torch's zip writer
+    replaces with a RuntimeError about stream positions (`[enforce fail at inline_container.cc]`)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, file: Path) -> None:
+    with _naming_os_errors(file), open(file, "wb") as f:
+        out = _KeepOSError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
 def save_checkpoint(
     path: str | Path,
     policy: torch.nn.Module,
@@ -129,12 +186,13 @@ def save_checkpoint(
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "run": to_dict(run_cfg),
         }
-        with open(tmp / CONFIG_FILE, "w") as f:
+        with _naming_os_errors(tmp / CONFIG_FILE), open(tmp / CONFIG_FILE, "w") as f:
             yaml.safe_dump(meta, f, sort_keys=False)
         state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        with _naming_os_errors(tmp / WEIGHTS_FILE):
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            _torch_save(training_state, tmp / TRAINING_STATE_FILE)
         share_like_umask(tmp)
         for file in tmp.iterdir():
             with open(file, "rb") as f:
@@ -233,11 +291,43 @@ def load_weights(policy: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: the normalizer was saved unfitted")
 
 
+# Training states written before issue 38 hold numpy's RNG state as an array; these globals rebuild
+# a plain ndarray and nothing else (PyTorch's documented allowlist for numpy arrays). numpy 1.x pickles
+# name the module numpy.core, numpy 2.x numpy._core.
+_NUMPY_ARRAY_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+]
+
+
 def load_training_state(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's training_state.pt, read with `torch.load(weights_only=True)`: tensors, numbers,
+    strings and containers only. Raises UnsafeCheckpoint (without running anything) for a file holding
+    any other object, CheckpointError for a missing, corrupt or truncated one."""
     file = Path(path) / TRAINING_STATE_FILE
     if not file.exists():
         raise CheckpointError(f"{path} cannot resume training: {TRAINING_STATE_FILE} is missing")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise UnsafeCheckpoint(
+                f"{file} holds objects other than tensors and plain data ({found[1]}): it was not written by "
+                "diffpolicy, and loading it could run code, so it was not loaded and nothing was changed. "
+                "Restore the file from a copy you trust, or move the run folder aside"
+            ) from None
+        # not a PyTorch file at all; torch's message is a page of advice to load it with weights_only=False
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e))
+        raise CheckpointError(
+            f"{file} is corrupt or truncated: {detail[1] if detail else str(e).splitlines()[0]}"
+        ) from None
     except Exception as e:  # torch raises many types for truncated pickles/zips
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file} is not a diffpolicy training state (no 'step')")
+    return state

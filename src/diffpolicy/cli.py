@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from diffpolicy.config import ConfigError, RunConfig, available_presets, load_config
+from diffpolicy.interrupt import exit_code, graceful_stop
 
 
 def _run_dir(cfg: RunConfig, explicit: str | None) -> Path:
@@ -63,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = Trainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
-    return 0
+    return exit_code(report["interrupted"]) if report.get("interrupted") else 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -75,7 +76,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
         print(f"student: {run_dir / 'checkpoints' / 'latest'}")
-    return 0
+    return exit_code(report["interrupted"]) if report.get("interrupted") else 0
 
 
 def _only_eval_overrides(command: str, overrides: list[str]) -> None:
@@ -178,12 +179,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{label} was trained on a dataset without a task: no simulator to evaluate it in")
     task = make_task(cfg.task.name, **cfg.task.kwargs)
     out = eval_output_dir(args.checkpoint, args.out, args.remote)
-    report = evaluate(policy, task, cfg.eval, out, label=label)
+    with graceful_stop():  # SIGINT / SIGTERM: a partial report of the finished episodes
+        report = evaluate(policy, task, cfg.eval, out, label=label)
     _print_summary(report, out)
-    if args.remote:
+    if args.remote and policy.latencies:
         lat = policy.latencies
         print("mean latency (ms): " + ", ".join(f"{k} {np.mean([x[k] for x in lat]):.2f}" for k in lat[0]))
-    return 0
+    return exit_code(report["interrupted"]) if report.get("interrupted") else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -374,6 +376,20 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict, out: Path) -> None:
+    from diffpolicy.evaluation import interrupted_note
+
+    if "paused_at_step" in report and report.get("interrupted"):
+        print(
+            f"stopped by {report['interrupted']} at step {report['paused_at_step']}: checkpoint in "
+            f"{out.parent / 'checkpoints' / 'latest'}; run the same command again to resume"
+        )
+        return
+    if report.get("already_paused"):
+        print(
+            f"the run is already paused at step {report['paused_at_step']} (train.stop_at_step / "
+            "train.max_minutes reached): nothing was done; raise them (0: off) to continue"
+        )
+        return
     if "paused_at_step" in report:
         print(
             f"paused at step {report['paused_at_step']} (train.stop_at_step / train.max_minutes): "
@@ -383,6 +399,10 @@ def _print_summary(report: dict, out: Path) -> None:
     if report["n_episodes"] == 0:
         print("no final evaluation (eval.n_episodes=0)")
         return
+    if report.get("interrupted"):
+        print(f"{interrupted_note(report)}: a partial report in {out}")
+        if report["n_episodes"] == 0:
+            return
     lo, hi = report["success_ci95"]
     print(
         f"success {report['success_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {report['n_episodes']} "
@@ -570,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffpolicy").addHandler(console)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # outside graceful_stop (start-up), or a second Ctrl-C while stopping
+        if args.verbose:
+            raise
+        print(f"diffpolicy {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         if args.verbose:
             raise

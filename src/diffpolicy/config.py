@@ -240,8 +240,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     # Pausing (0: off). The run saves `latest` and exits without its final evaluation once it has done
     # stop_at_step steps, or once its training time (summed over resumes, as metrics.jsonl's elapsed_min)
-    # reaches max_minutes; running the same command again resumes it. The LR schedule still runs to
-    # num_steps: these split a run into sessions or compare runs at a step, they do not shorten it.
+    # reaches max_minutes; a rerun with a higher limit (or 0) resumes it, with the same limits it does
+    # nothing. The LR schedule still runs to num_steps: these split a run into sessions or compare runs
+    # at a step, they do not shorten it.
     stop_at_step: int = 0
     max_minutes: float = 0.0
     top_k: int = 3

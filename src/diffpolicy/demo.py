@@ -88,6 +88,8 @@ def run_demo(
             reports[kind] = Trainer(cfg, out / kind, show_progress=progress).fit()
         except RunFinished:  # a rerun of the demo: the finished run's own final evaluation
             reports[kind] = json.loads((out / kind / "eval" / "report.json").read_text())
+        if reports[kind].get("interrupted"):  # Ctrl-C / SIGTERM: the run saved; rerunning the demo resumes it
+            raise KeyboardInterrupt
         timings[f"{kind}_train_and_eval_s"] = time.perf_counter() - t0
 
     checks = acceptance(reports["diffusion"], reports["mse_bc"])

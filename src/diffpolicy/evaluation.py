@@ -1,5 +1,8 @@
 """Closed-loop evaluation: vectorized gymnasium envs, fixed seeds, success rate with a 95% interval,
-mean max reward, videos of the first episodes with the predicted chunk drawn, JSON + markdown report."""
+mean max reward, videos of the first episodes with the predicted chunk drawn, JSON + markdown report.
+
+Inside `interrupt.graceful_stop()` (diffpolicy eval, training runs) a SIGINT / SIGTERM ends the
+evaluation early: the episodes finished by then make a partial report, marked `interrupted`."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from diffpolicy.config import EvalConfig
 from diffpolicy.control import RecedingHorizonController
+from diffpolicy.interrupt import stop_requested
 from diffpolicy.tasks.base import Rollout, Task
 
 
@@ -45,7 +49,8 @@ def run_rollouts(
     controller: RecedingHorizonController | None = None,
 ) -> list[Rollout]:
     """Roll the policy out on seeds first_seed .. first_seed+n_episodes-1, n_envs at a time (through
-    `controller` if given, e.g. control.AsyncChunkController; by default the eval config's own)."""
+    `controller` if given, e.g. control.AsyncChunkController; by default the eval config's own).
+    On `interrupt.stop_requested()` it returns the episodes finished so far (fewer than n_episodes)."""
     max_steps = cfg.max_steps or task.max_episode_steps
     n_envs = max(1, min(cfg.n_envs, n_episodes))
     if controller is None:
@@ -75,8 +80,12 @@ def run_rollouts(
             traj = {k: [[obs[k][i]] for i in range(n_envs)] for k in low_dim_keys}
             video = [batch_start + i < cfg.n_videos for i in range(n_envs)]
             frames: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
+            stopped = False
             for _ in range(max_steps):
                 if done.all():
+                    break
+                if stop_requested():
+                    stopped = True
                     break
                 if any(v and not d for v, d in zip(video, done, strict=True)):
                     rendered = envs.call("render")
@@ -97,6 +106,8 @@ def run_rollouts(
                     if terminated[i] or truncated[i]:
                         done[i] = True
             for i in range(active):
+                if stopped and not done[i]:  # cut short by a signal: not an episode
+                    continue
                 rollouts.append(
                     Rollout(
                         seed=seeds[i],
@@ -108,6 +119,8 @@ def run_rollouts(
                         frames=frames[i] if video[i] else None,
                     )
                 )
+            if stopped:
+                break
     finally:
         envs.close()
     return rollouts
@@ -151,7 +164,10 @@ def evaluate(
     n_episodes: int | None = None,
     label: str = "policy",
 ) -> dict[str, Any]:
-    """Evaluate in closed loop and write report.json / report.md (and videos, plots) into out_dir."""
+    """Evaluate in closed loop and write report.json / report.md (and videos, plots) into out_dir.
+
+    Stopped by a signal (see the module docstring), the report holds the finished episodes and says so:
+    `interrupted` (the signal's name) and `n_episodes_planned`."""
     n = cfg.n_episodes if n_episodes is None else n_episodes
     if n < 1:
         raise ValueError(f"an evaluation needs at least one episode, got n_episodes={n}")
@@ -164,6 +180,7 @@ def evaluate(
     rollouts = run_rollouts(policy, task, cfg, n, cfg.seed)
     elapsed = time.perf_counter() - t0
     policy.train(was_training)
+    interrupted = stop_requested() if len(rollouts) < n else None
     successes = sum(r.success for r in rollouts)
     lo, hi = wilson_interval(successes, len(rollouts))
     videos = []
@@ -174,6 +191,8 @@ def evaluate(
         "label": label,
         "task": task.name,
         "n_episodes": len(rollouts),
+        "n_episodes_planned": n,
+        "interrupted": interrupted,
         "seeds": [rollouts[0].seed, rollouts[-1].seed] if rollouts else [],
         "success_rate": successes / max(len(rollouts), 1),
         "success_ci95": [lo, hi],
@@ -190,7 +209,7 @@ def evaluate(
         "temporal_ensemble": cfg.temporal_ensemble,
         # the blend's weighting changes results a lot (BENCHMARKS), so a report names it
         "ensemble_decay": cfg.ensemble_decay if cfg.temporal_ensemble else None,
-        "task_metrics": task.summarize(rollouts, out_dir),
+        "task_metrics": task.summarize(rollouts, out_dir) if rollouts else {},
         "videos": videos,
         "episodes": [
             {"seed": r.seed, "success": r.success, "max_reward": r.max_reward, "length": r.length}
@@ -203,11 +222,20 @@ def evaluate(
     return report
 
 
+def interrupted_note(report: dict[str, Any]) -> str:
+    """'interrupted by SIGTERM after 2 of 6 episodes' for a report cut short by a signal."""
+    return (
+        f"interrupted by {report['interrupted']} after {report['n_episodes']} of "
+        f"{report['n_episodes_planned']} episodes"
+    )
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     lo, hi = report["success_ci95"]
     lines = [
         f"# Evaluation: {report['label']} on {report['task']}",
         "",
+        *([f"**A partial report: {interrupted_note(report)}.**", ""] if report.get("interrupted") else []),
         f"- episodes: {report['n_episodes']} (seeds {report['seeds'][0]}..{report['seeds'][-1]})"
         if report["seeds"]
         else "- episodes: 0",

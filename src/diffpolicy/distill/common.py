@@ -1,13 +1,48 @@
-"""What the distillation objectives share: the teacher's deterministic DDIM solve and the consistency
-distance d between a student's output and its target."""
+"""What the distillation objectives share: the teacher's deterministic DDIM solve, the consistency
+distance d between a student's output and its target, and the one view of each camera that every network
+of a training step sees."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from diffpolicy.config import DistillConfig
+from diffpolicy.models.rgb import RgbEncoder
 from diffpolicy.policy import DiffusionPolicy
+
+
+@contextlib.contextmanager
+def one_view(
+    student: DiffusionPolicy, others: tuple[nn.Module, ...], obs: dict[str, torch.Tensor]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`obs` with each camera window resized, cropped and augmented once per sample, as the training
+    student's encoder does (a random crop shared over the window's frames, colour jitter), for the student
+    and the `others` (teacher, target network, DMD's fake network) alike: their encoders take this view
+    as it is while the context lasts. Without it the student saw a random crop, the teacher and the target
+    a centre crop and the fake network a crop of its own, so each target was computed on another view.
+    Observations without a camera, or a student not in training mode, pass through unchanged."""
+    own = next((m for m in student.modules() if isinstance(m, RgbEncoder)), None)
+    if own is None or not own.training:
+        yield obs
+        return
+    with torch.no_grad():  # in the policy's normalized units, as its encoder sees them, then back
+        view = dict(obs)
+        for key in own.keys:
+            x = student.normalizer.normalize(key, obs[key])
+            view[key] = student.normalizer.unnormalize(key, own.preprocess(x, key))
+    encoders = [m for net in (student, *others) for m in net.modules() if isinstance(m, RgbEncoder)]
+    for encoder in encoders:
+        encoder.given_view = True
+    try:
+        yield view
+    finally:
+        for encoder in encoders:
+            encoder.given_view = False
 
 
 def ddim_step(

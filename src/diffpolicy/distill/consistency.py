@@ -85,7 +85,7 @@ import torch
 from torch import nn
 
 from diffpolicy.config import DistillConfig
-from diffpolicy.distill.common import consistency_distance, teacher_solve
+from diffpolicy.distill.common import consistency_distance, one_view, teacher_solve
 from diffpolicy.distill.ctm import ctm_loss, stop_index
 from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, make_scheduler
 
@@ -170,7 +170,19 @@ class ConsistencyDistillation(nn.Module):
         solver_steps: torch.Tensor | None = None,
         stop_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Consistency loss + denoise_weight * auxiliary denoising loss (see the module docstring)."""
+        """Consistency loss + denoise_weight * auxiliary denoising loss (see the module docstring), with
+        the student, the teacher and the target network on one view of each camera (`one_view`)."""
+        with one_view(self.student, (self.teacher, self.target), batch["obs"]) as obs:
+            return self._loss({**batch, "obs": obs}, noise, grid_index, solver_steps, stop_index)
+
+    def _loss(
+        self,
+        batch: dict[str, Any],
+        noise: torch.Tensor | None,
+        grid_index: torch.Tensor | None,
+        solver_steps: torch.Tensor | None,
+        stop_index: torch.Tensor | None,
+    ) -> torch.Tensor:
         student, obs = self.student, batch["obs"]
         x0 = student.normalizer.normalize("action", batch["action"])
         B = x0.shape[0]

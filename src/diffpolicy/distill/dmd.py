@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from diffpolicy.config import DistillConfig
-from diffpolicy.distill.common import teacher_solve
+from diffpolicy.distill.common import one_view, teacher_solve
 from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
 
 
@@ -187,6 +187,12 @@ class DistributionMatching(nn.Module):
         return (per_entry * mask).mean(), self._gap(fake, real, scale, mask)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The DMD / SiD loss, with the student, the teacher and the fake network on one view of each
+        camera (`one_view`)."""
+        with one_view(self.student, (self.teacher, self.fake.net), batch["obs"]) as obs:
+            return self._loss({**batch, "obs": obs})
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         student, obs = self.student, batch["obs"]
         x_data = student.normalizer.normalize("action", batch["action"])
         mask = student.loss_mask(batch, x_data, None)

@@ -30,6 +30,8 @@ class DistillTrainer(Trainer):
     exported weights, checkpoints, exact resume, logs, evaluation) is the Trainer's.
     """
 
+    num_steps_key = "distill.num_steps"  # train.num_steps cannot be set in a distillation run
+
     def _load_teacher(self) -> DiffusionPolicy:
         """distill.teacher, checked against this run's task; also kept as self.teacher."""
         teacher, _ = load_teacher(self.cfg.distill.teacher, device=self.device)

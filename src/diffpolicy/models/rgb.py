@@ -198,6 +198,10 @@ def jitter_windows(images: torch.Tensor, strength: float) -> torch.Tensor:
 class RgbEncoder(nn.Module):
     """{camera key: (B, T, C, H, W)} -> (B, T, n_cameras * feature_dim)."""
 
+    # True while camera windows arrive already resized, cropped and augmented (`preprocess` is skipped):
+    # distillation hands every network of a step one view per sample (distill/common.py, one_view).
+    given_view = False
+
     def __init__(self, shapes: dict[str, tuple[int, ...]], cfg: VisionConfig) -> None:
         super().__init__()
         self.keys = sorted(shapes)
@@ -245,6 +249,8 @@ class RgbEncoder(nn.Module):
 
     def preprocess(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """Resize, crop and (in training) jitter one camera's window (B, T, C, H, W), values in [-1, 1]."""
+        if self.given_view:
+            return x
         if self.resize and tuple(x.shape[-2:]) != self.resize:
             B, T = x.shape[:2]
             x = F.interpolate(x.flatten(0, 1), size=self.resize, mode="bilinear", antialias=True)

@@ -47,6 +47,8 @@ class ObsEncoder(nn.Module):
                 raise KeyError(f"observation key '{key}' is missing (got {sorted(obs)})")
             x = obs[key]
             want = self.shapes[key]
+            if key in self.rgb_keys and self.rgb.given_view:  # already resized and cropped (one_view)
+                want = (want[0], *self.rgb.crop[key])
             if x.dim() != 2 + len(want) or tuple(x.shape[2:]) != want:
                 raise ValueError(
                     f"observation '{key}' must have shape (B, T, {', '.join(map(str, want))}), "

@@ -11,8 +11,8 @@ top-k and `latest` checkpoints, exact resume, and one run folder holding everyth
 
 Periodic evaluations run on a validation range of start states (train.eval_seed, logged as val/...) and
 rank the top-k checkpoints; the final one runs on the evaluation seeds (eval.seed, logged as eval/...), so
-a checkpoint is never picked on the episodes it is reported on. With train.eval_every=0 the final
-checkpoint is the only top-k entry.
+a checkpoint is never picked on the episodes it is reported on. With train.eval_every=0 nothing is
+ranked and checkpoints/topk is not written (`latest` holds the final weights).
 
 Multi-process / multi-GPU: launch the same command with `torchrun --nproc_per_node N -m diffpolicy.cli
 train ...`. PyTorch DDP (gloo on CPU, nccl on GPU) averages gradients; train.batch_size is the GLOBAL
@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from diffpolicy.checkpoint import (
     CheckpointError,
+    UnsafeCheckpoint,
     load_training_state,
     read_config,
     recover_checkpoint,
@@ -65,6 +66,7 @@ from diffpolicy.data.formats import open_training_data
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_store
 from diffpolicy.files import RunLock
+from diffpolicy.interrupt import graceful_stop, stop_requested
 from diffpolicy.policy import BasePolicy, make_policy, normalizer_spec
 from diffpolicy.tasks import Task, make_task
 from diffpolicy.training.ema import EMA
@@ -168,7 +170,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNG states as tensors and plain data (numpy's key array as a tensor), which
+    `torch.load(weights_only=True)` reads back without allowing any pickled object."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -176,7 +182,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor, or an ndarray in states written before issue 38
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -214,6 +221,9 @@ RESUMABLE_CHANGES = (
 
 
 class Trainer:
+    # The key that sets train.num_steps on the command line, for messages (a distillation's is its own).
+    num_steps_key = "train.num_steps"
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -270,7 +280,8 @@ class Trainer:
         """The checkpoint to resume from: `latest`, or `previous` when `latest` is missing or corrupt
         (with a warning naming what is wrong), as (path, training state, its run config); None when the
         folder holds no checkpoint. Raises CheckpointError when checkpoints exist but none loads, so a run
-        never silently starts again from step 0 over a checkpoint the user has."""
+        never silently starts again from step 0 over a checkpoint the user has, and UnsafeCheckpoint at
+        once for a training state holding pickled objects (someone replaced it: no quiet fallback)."""
         problems = []
         for name in ("latest", "previous"):
             path = self.ckpt_dir / name
@@ -279,6 +290,8 @@ class Trainer:
             try:
                 _, saved = read_config(path)
                 state = load_training_state(path)
+            except UnsafeCheckpoint:
+                raise
             except CheckpointError as e:
                 problems.append(str(e))
                 log.warning("cannot resume from %s: %s", path, e)
@@ -342,17 +355,17 @@ class Trainer:
                 f"{'; '.join(diffs)}. These keys cannot change mid-run; use another run folder (or resume "
                 "with the same config)."
             )
-        num_steps = self.cfg.train.num_steps
+        num_steps, key = self.cfg.train.num_steps, self.num_steps_key
         if num_steps < step:
             raise RunExists(
-                f"train.num_steps={num_steps} is below the step the run in {self.run_dir} already reached "
+                f"{key}={num_steps} is below the step the run in {self.run_dir} already reached "
                 f"({step}, checkpoint {path}): a checkpoint is never relabelled; evaluate it as it is, or "
                 "use another run folder / --overwrite to train again"
             )
         if finished and num_steps == step:
             raise RunFinished(
-                f"{self.run_dir} holds a finished run (step {step} of train.num_steps={num_steps}); nothing "
-                "to do. Raise train.num_steps to continue it, evaluate it with diffpolicy eval, or use "
+                f"{self.run_dir} holds a finished run (step {step} of {key}={num_steps}); nothing "
+                f"to do. Raise {key} to continue it, evaluate it with diffpolicy eval, or use "
                 "another run folder / --overwrite to train again"
             )
         if finished and (self.run_dir / "eval").exists():  # its final report stays, under its step
@@ -568,7 +581,10 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        """Train to cfg.train.num_steps (resuming from `latest` if present), then evaluate."""
+        """Train to cfg.train.num_steps (resuming from `latest` if present), then evaluate.
+
+        A run folder that this call created is removed again when the run is refused (or fails) before
+        its first training step: a refusal leaves nothing behind."""
         from torch.utils.tensorboard import SummaryWriter
 
         tc = self.cfg.train
@@ -576,6 +592,7 @@ class Trainer:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             # generous timeout: the other ranks wait while rank 0 evaluates in closed loop
             dist.init_process_group(backend, timeout=timedelta(hours=2))
+        created = self.is_main and not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir).acquire() if self.is_main else None  # before anything is written
         try:
@@ -585,6 +602,7 @@ class Trainer:
                 lock.release()
             raise
         self._elapsed_before, self._t0 = 0.0, time.perf_counter()
+        started = refused = False
         try:
             point = self._prepare_run_folder()
             seed_everything(tc.seed)
@@ -618,10 +636,29 @@ class Trainer:
                 # resumed run would draw different noise than the run it continues
                 generator=torch.Generator().manual_seed(tc.seed),
             )
-            paused_at = self._train_loop(start, iter(loader))
-            if paused_at is not None:
-                return {"paused_at_step": paused_at}
-            return self._finish()
+            started = True
+            if start and self._should_pause(start):  # rerun of a paused run with the same pause settings
+                log.warning(
+                    "the run is already paused at step %d of %d (train.stop_at_step=%d, train.max_minutes=%g;"
+                    " %.3g minutes trained): nothing to do; raise them (0: off) to continue",
+                    start,
+                    tc.num_steps,
+                    tc.stop_at_step,
+                    tc.max_minutes,
+                    self.elapsed_s() / 60,
+                )
+                return {"paused_at_step": start, "already_paused": True}
+            with graceful_stop():  # SIGINT / SIGTERM: save a checkpoint and return (see _train_loop)
+                paused_at = self._train_loop(start, iter(loader))
+                if paused_at is not None:
+                    if not self.is_main:  # rank 0 reports (and prints) for the run
+                        return {}
+                    stopped = {"interrupted": self._stopped_by} if self._stopped_by else {}
+                    return {"paused_at_step": paused_at, **stopped}
+                return self._finish()
+        except BaseException:
+            refused = created and not started
+            raise
         finally:
             if hasattr(self, "writer"):
                 self.writer.close()
@@ -631,6 +668,8 @@ class Trainer:
                 dist.destroy_process_group()
             if lock is not None:
                 lock.release()
+            if refused:  # everything in it is this call's: config.yaml, train.log, .lock, an import
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _should_pause(self, done: int) -> bool:
         """train.stop_at_step / train.max_minutes reached (never at the last step: that one finishes).
@@ -647,8 +686,13 @@ class Trainer:
         return pause
 
     def _train_loop(self, start: int, batches: Iterator) -> int | None:
-        """Train from step `start`; returns the step it paused at, or None when it reached num_steps."""
+        """Train from step `start`; returns the step it paused at, or None when it reached num_steps.
+
+        A SIGINT / SIGTERM (`interrupt.graceful_stop`) ends the step in progress, saves `latest` at it and
+        pauses there (self._stopped_by names the signal); the request travels in the per-step all-reduce,
+        so every DDP rank stops after the same step."""
         tc = self.cfg.train
+        self._stopped_by: str | None = None
         params = [p for p in self.policy.parameters() if p.requires_grad]
         autocast = tc.mixed_precision == "bf16"
         bar = tqdm(
@@ -674,8 +718,9 @@ class Trainer:
             loss.backward()
             max_norm = tc.grad_clip_norm if tc.grad_clip_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # One small all-reduce keeps the stop decision and the logged loss identical on every rank.
-            stats = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+            # One small all-reduce keeps the stop decisions and the logged loss identical on every rank.
+            signalled = torch.tensor(float(stop_requested() is not None), device=grad_norm.device)
+            stats = torch.stack([loss.detach().float(), grad_norm.detach().float(), signalled])
             if self.world_size > 1:
                 dist.all_reduce(stats)
                 stats /= self.world_size
@@ -691,7 +736,11 @@ class Trainer:
             done = step + 1
             self._after_optimizer_step(done)
             bar.update(1)
-            pause = bool(tc.stop_at_step or tc.max_minutes) and self._should_pause(done)
+            if stats[2] > 0:  # a signal reached some rank: stop here, even at the last step
+                self._stopped_by = stop_requested() or "a signal to another rank"
+            pause = self._stopped_by is not None or (
+                bool(tc.stop_at_step or tc.max_minutes) and self._should_pause(done)
+            )
             if not self.is_main:
                 if pause:
                     bar.close()
@@ -718,23 +767,38 @@ class Trainer:
                     metrics["train/lr"],
                     metrics["train/grad_norm"],
                 )
-            if tc.val_every and done % tc.val_every == 0:
+            if self._stopped_by is None and tc.val_every and done % tc.val_every == 0:
                 val = self.validation_loss()
                 if val is not None:
                     self._log_metrics(done, {"val/loss": val})
                     log.info("step %d val loss %.5f", done, val)
                 self.policy.train()
-            if tc.eval_every and (done % tc.eval_every == 0 or done == tc.num_steps):
+            periodic_eval = tc.eval_every and (done % tc.eval_every == 0 or done == tc.num_steps)
+            if self._stopped_by is None and periodic_eval:
                 # the last step too, so that the final weights compete for the top k on the same episodes
                 out = self.run_dir / "eval_during_training" / f"step{done:07d}"
                 report = self.closed_loop_eval(done, tc.eval_episodes, out, seed=tc.eval_seed)
-                self._after_eval(done, report, prefix="val")
+                if report.get("interrupted"):  # a partial report ranks nothing; the next step pauses
+                    log.warning("step %d: the evaluation was interrupted; partial report in %s", done, out)
+                else:
+                    self._after_eval(done, report, prefix="val")
                 self.policy.train()
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 self.save_latest(done)
             if pause:
                 if not (tc.checkpoint_every and done % tc.checkpoint_every == 0):
                     self.save_latest(done)
+                if self._stopped_by is not None:
+                    log.warning(
+                        "stopped by %s at step %d of %d: checkpoint %s saved; run the same command again "
+                        "to resume",
+                        self._stopped_by,
+                        done,
+                        tc.num_steps,
+                        self.ckpt_dir / "latest",
+                    )
+                    bar.close()
+                    return done
                 log.info(
                     "paused at step %d of %d after %.1f training minutes (train.stop_at_step=%d, "
                     "train.max_minutes=%g); run the same command again to resume",
@@ -760,7 +824,7 @@ class Trainer:
 
     def _after_eval(self, step: int, report: dict[str, Any], prefix: str) -> None:
         """Log a closed-loop evaluation as `prefix`/...; rank the checkpoint in the top k when it is a
-        periodic one (prefix val), or the final one of a run without periodic evaluations."""
+        periodic one (prefix val): the final evaluation's episodes (prefix eval) never choose a checkpoint."""
         metrics = {
             f"{prefix}/success_rate": report["success_rate"],
             f"{prefix}/mean_max_reward": report["mean_max_reward"],
@@ -774,7 +838,7 @@ class Trainer:
             report["mean_max_reward"],
             report["seeds"][0],
         )
-        if prefix == "val" or not self.cfg.train.eval_every:
+        if prefix == "val":
             self._update_topk(step, report["mean_max_reward"], metrics)
 
     def _finish(self) -> dict[str, Any]:
@@ -789,6 +853,16 @@ class Trainer:
         else:
             self.save_latest(tc.num_steps)  # a crash during the evaluation keeps the trained weights
             report = self.closed_loop_eval(tc.num_steps, self.cfg.eval.n_episodes, self.run_dir / "eval")
+            if report.get("interrupted"):  # not finished: the same command reruns the final evaluation
+                log.warning(
+                    "the final evaluation was interrupted by %s after %d of %d episodes (partial report in "
+                    "%s); run the same command again to evaluate in full",
+                    report["interrupted"],
+                    report["n_episodes"],
+                    report["n_episodes_planned"],
+                    self.run_dir / "eval",
+                )
+                return report
             self._after_eval(tc.num_steps, report, prefix="eval")
             self._finished = True
             self.save_latest(tc.num_steps)  # records the final top-k list and marks the run finished
