@@ -58,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "data.path is empty and the run folder has no demos.zarr: collect first "
             "(diffpolicy collect ...) and pass data.path=<store>"
         )
+    _check_against_training_seeds(cfg, run_dir)  # the Trainer checks again; here before any folder exists
     report = Trainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
@@ -144,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
         )
+    _check_against_training_seeds(cfg)
     task = make_task(cfg.task.name, **cfg.task.kwargs)
     out = (
         eval_output_dir(args.checkpoint, args.out)
@@ -156,6 +158,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lat = policy.latencies
         print("mean latency (ms): " + ", ".join(f"{k} {np.mean([x[k] for x in lat]):.2f}" for k in lat[0]))
     return 0
+
+
+def _check_against_training_seeds(cfg: RunConfig, run_dir: Path | None = None) -> None:
+    """The evaluation seeds must not reach the seeds of the demonstrations the policy trains (or was
+    trained) on, where the store is at data.path (or <run_dir>/demos.zarr) and records them (collect and
+    record do). With `run_dir` (train) the periodic evaluations' range is checked too."""
+    from diffpolicy.collect import check_unseen_evaluation_seeds
+    from diffpolicy.data.episodes import EpisodeStore
+    from diffpolicy.data.formats import detect_format
+
+    path = Path(cfg.data.path or Path(run_dir or cfg.run_dir or ".") / "demos.zarr")
+    try:
+        if not path.exists() or detect_format(path) != "episode_store":
+            return
+        store = EpisodeStore.open(path)
+    except (OSError, ValueError):  # moved, unreadable or foreign data: nothing recorded to check against
+        return
+    check_unseen_evaluation_seeds(cfg, store, path, periodic=run_dir is not None)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

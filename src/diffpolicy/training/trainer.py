@@ -59,6 +59,7 @@ from diffpolicy.checkpoint import (
     recover_checkpoints,
     save_checkpoint,
 )
+from diffpolicy.collect import check_unseen_evaluation_seeds
 from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import open_training_data
@@ -397,6 +398,8 @@ class Trainer:
         if self.world_size > 1 and self.is_main:
             dist.barrier()
         log.info("%s", note)
+        if self.task is not None:
+            check_unseen_evaluation_seeds(cfg, store, path)
         train_ids, val_ids = split_episodes(
             store.n_episodes, cfg.data.val_ratio, cfg.data.split_seed, cfg.data.max_train_episodes
         )
