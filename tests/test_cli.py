@@ -78,6 +78,21 @@ def test_evaluation_seeds_inside_the_demonstrations_are_refused(tmp_path, capsys
     assert "eval.seed=12" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["eval", "--checkpoint", "ckpt"], ["distill", "--teacher", "ckpt"], ["serve", "--checkpoint", "c"]],
+)
+def test_commands_that_start_from_a_checkpoint_explain_why_they_take_no_preset(command, tmp_path, capsys):
+    """README: collect / train / demo / bench take --preset; eval, serve and distill say why they do not
+    (before looking for the checkpoint, and without making a run folder)."""
+    assert main([*command, "--preset", "pusht_state_unet_cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"diffpolicy {command[0]} takes no --preset" in err and "config" in err
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", "ckpt", "--run-dir", str(run), "--preset", "x"]) == 2
+    assert not run.exists()
+
+
 def test_unknown_key_is_a_clear_error(capsys):
     assert main(["train", "--preset", "trajectory2d_lowdim_unet", "train.bach_size=3"]) == 2
     assert "unknown config key 'train.bach_size'" in capsys.readouterr().err
@@ -97,12 +112,14 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
         "policy.unet.down_dims=[16,32]",
         "policy.unet.n_groups=4",
         "policy.scheduler.num_inference_steps=4",
-        "eval.n_episodes=2",
+        "--episodes",  # the final evaluation's episodes, as `eval --episodes` (README: "--episodes 20")
+        "2",
         "eval.n_envs=2",
         "eval.max_steps=20",
     ]
     assert main(args) == 0
-    assert "success" in capsys.readouterr().out
+    assert "over 2 episodes" in capsys.readouterr().out
+    assert json.loads((run / "eval" / "report.json").read_text())["n_episodes"] == 2
     out = tmp_path / "ev"
     assert (
         main(

@@ -1,7 +1,8 @@
 """Command line: diffpolicy collect | train | distill | eval | serve | export | record | demo | bench | ...
 
-Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
-and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
+collect, train, demo and bench take `--preset NAME` (a YAML file in diffpolicy/configs, or a path) and any
+number of dotted overrides such as `train.batch_size=64 policy.net=transformer`; eval, serve and distill
+start from a checkpoint's own config and take overrides only.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from diffpolicy.training.trainer import Trainer
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset, _with_episodes(args))
     run_dir = _run_dir(cfg, args.run_dir)
     if not cfg.data.path and not (run_dir / "demos.zarr").exists():
         raise ConfigError(
@@ -68,13 +69,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from diffpolicy.distill import DistillTrainer, distill_config
 
-    cfg = distill_config(args.teacher, args.overrides)
+    _refuse_preset(
+        args,
+        "the distillation starts from the teacher's own run config; change it with "
+        "distill.* / train.* overrides",
+    )
+    cfg = distill_config(args.teacher, _with_episodes(args))
     run_dir = _run_dir(cfg, args.run_dir)
     report = DistillTrainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
         print(f"student: {run_dir / 'checkpoints' / 'latest'}")
     return 0
+
+
+def _with_episodes(args: argparse.Namespace) -> list[str]:
+    """The overrides, and `--episodes N` as eval.n_episodes=N (the final evaluation, as in eval)."""
+    extra = [] if args.episodes is None else [f"eval.n_episodes={args.episodes}"]
+    return list(args.overrides) + extra
+
+
+def _refuse_preset(args: argparse.Namespace, why: str) -> None:
+    """Commands that start from a checkpoint's config take no preset: say so instead of 'unrecognized'."""
+    if args.preset is not None:
+        raise ConfigError(f"diffpolicy {args.command} takes no --preset: {why}")
 
 
 def _only_eval_overrides(command: str, overrides: list[str]) -> None:
@@ -125,6 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
 
+    _refuse_preset(args, CHECKPOINT_CONFIG)
     _only_eval_overrides("eval", args.overrides)
     if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
         from diffpolicy.config import from_dict
@@ -222,6 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffpolicy.serving.server import PolicyServer
     from diffpolicy.training.trainer import resolve_device
 
+    _refuse_preset(args, CHECKPOINT_CONFIG)
     _only_eval_overrides("serve", args.overrides)
     policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
     cfg = with_overrides(saved, args.overrides)
@@ -375,6 +395,11 @@ def _print_summary(report: dict, out: Path) -> None:
         print(json.dumps(extra, indent=None))
 
 
+CHECKPOINT_CONFIG = (
+    "a checkpoint runs with the config it was trained with (its config.yaml); change evaluation settings "
+    "with eval.* overrides"
+)
+EPISODES_HELP = "episodes of the final evaluation (eval.n_episodes; 0 skips it)"
 OVERWRITE_HELP = "start again in a folder holding a run: its outputs move to <run-dir>/replaced-<time>/"
 
 
@@ -386,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     def with_preset(p: argparse.ArgumentParser, default: str | None = None) -> None:
         p.add_argument("--preset", default=default, help=f"preset name or YAML path ({default or 'none'})")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
+
+    def no_preset(p: argparse.ArgumentParser) -> None:  # read only to explain the refusal (_refuse_preset)
+        p.add_argument("--preset", help=argparse.SUPPRESS)
 
     p = sub.add_parser("collect", help="run a scripted expert into an EpisodeStore")
     p.add_argument("--task", help="task name (overrides the preset's)")
@@ -402,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<name>-<time>)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--episodes", type=int, help=EPISODES_HELP)
     with_preset(p)
     p.set_defaults(func=cmd_train)
 
@@ -412,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<teacher name>-consistency-<time>)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--episodes", type=int, help=EPISODES_HELP)
+    no_preset(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.num_steps=500")
     p.set_defaults(func=cmd_distill)
 
@@ -420,11 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remote", metavar="HOST:PORT", help="evaluate the policy served there (diffpolicy serve)"
     )
-    p.add_argument("--episodes", type=int)
+    p.add_argument("--episodes", type=int, help="episodes to evaluate (eval.n_episodes)")
     p.add_argument(
         "--out", help="report folder (default <run>/eval_checkpoints/<checkpoint>-<time>, never inside it)"
     )
     p.add_argument("--device", default="auto")
+    no_preset(p)
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
 
@@ -437,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by mixed batches")
     p.add_argument("--max-seconds", type=float, help="stop by itself after this long")
+    no_preset(p)
     p.add_argument("overrides", nargs="*", help="eval.* inference overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_serve)
 
