@@ -160,11 +160,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
+    _check_against_training_seeds(cfg)
     if not cfg.task.name:
         raise ConfigError(
             f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
         )
-    _check_against_training_seeds(cfg)
     task = make_task(cfg.task.name, **cfg.task.kwargs)
     out = (
         eval_output_dir(args.checkpoint, args.out)

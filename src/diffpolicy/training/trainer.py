@@ -397,9 +397,9 @@ class Trainer:
         )
         if self.world_size > 1 and self.is_main:
             dist.barrier()
-        log.info("%s", note)
         if self.task is not None:
             check_unseen_evaluation_seeds(cfg, store, path)
+        log.info("%s", note)
         train_ids, val_ids = split_episodes(
             store.n_episodes, cfg.data.val_ratio, cfg.data.split_seed, cfg.data.max_train_episodes
         )
