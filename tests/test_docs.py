@@ -10,9 +10,11 @@ command, option, override key, import or `diffpolicy.x.Name` reference that stop
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,17 +23,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import diffpolicy
 from diffpolicy.cli import build_parser, main
 from diffpolicy.config import RunConfig, load_config, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = str(Path(diffpolicy.__file__).resolve().parents[1])  # the code under test, for subprocesses
 DOCS = [ROOT / "README.md", ROOT / "docs" / "guide.md"]
 
 # Commands documented for a person at a machine, not for CI; they are parsed and checked, not run.
-NOT_RUN = {
-    "serve": "serves until stopped",
-    "record": "needs a screen and a person at the mouse",
-}
+NOT_RUN = {"record": "needs a screen and a person at the mouse"}
+DOC_PORT = "50051"  # the docs' server port; the test serves on a free one instead
 PLACEHOLDER = "path/to/"  # the user's own dataset: parsed and checked only
 
 TINY_TRAIN = [
@@ -148,27 +150,65 @@ def fake_recordings(n: int = 2, steps: int = 20) -> list[SimpleNamespace]:
     ]
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def start_server(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """`diffpolicy serve ...` in the background, once it says it is serving."""
+    cmd = [sys.executable, "-m", "diffpolicy.cli", *argv, "--max-seconds", "300"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    line = server.stdout.readline()  # "serving ... on HOST:PORT", or the error that stopped it
+    assert line.startswith("serving"), f"diffpolicy {' '.join(argv)}: {line}{server.stdout.read()}"
+    return server
+
+
+def snippet_inputs(code: str) -> dict[str, object]:
+    """The names a python block leaves to the reader: recordings, and Push-T state observations per
+    environment (controller.act) or as windows (client.predict, policy.predict_action)."""
+    windows = "client.predict(" in code
+    kp, xy = np.full((1, 9, 2), 256.0, np.float32), np.full((1, 2), 200.0, np.float32)
+    if windows:
+        kp, xy = np.repeat(kp[:, None], 2, axis=1), np.repeat(xy[:, None], 2, axis=1)
+    obs = {"keypoint": kp, "agent_pos": xy}
+    return {"my_recordings": fake_recordings(), "kp": kp, "xy": xy, "observation": obs}
+
+
 def test_the_documented_commands_and_snippets_run(tmp_path, monkeypatch, capsys):
-    """README then guide, in order: collect, train, eval, convert, export, distil, flow, deployment code.
-    (~1-2 minutes on 2 CPU cores.)"""
+    """README then guide, in order: collect, train, eval, convert, serve + eval --remote, export, distil,
+    flow, then the python blocks (~1 minute on 2 CPU cores)."""
     pytest.importorskip("gym_pusht")
     monkeypatch.chdir(tmp_path)
-    ran = []
-    for argv in documented_commands():
-        if argv[0] in NOT_RUN or (argv[0] == "eval" and "--remote" in argv) or PLACEHOLDER in " ".join(argv):
-            continue
-        rc = main(shrunk(argv))
-        err = capsys.readouterr().err
-        assert rc == 0, f"diffpolicy {' '.join(argv)} -> exit {rc}: {err}"
-        ran.append(argv[0])
-    assert ran.count("train") >= 4 and ran.count("distill") == 2 and "export" in ran
-    state = {"keypoint": np.full((1, 9, 2), 256.0), "agent_pos": np.full((1, 2), 200.0)}
-    names = {"my_recordings": fake_recordings(), "kp": state["keypoint"], "xy": state["agent_pos"]}
-    for code in python_blocks():
-        namespace = dict(names, observation=state)
-        exec(compile(code, "<docs python block>", "exec"), namespace)
-        if "action" in namespace:
-            assert namespace["action"].shape == (1, 2) and np.isfinite(namespace["action"]).all()
+    port, ran, server = free_port(), [], None
+    try:
+        for argv in documented_commands():
+            if argv[0] in NOT_RUN or PLACEHOLDER in " ".join(argv):
+                continue
+            argv = [a.replace(DOC_PORT, port) for a in shrunk(argv)]
+            if argv[0] == "serve":
+                server = start_server(argv, tmp_path)
+                ran.append("serve")
+                continue
+            rc = main(argv)
+            err = capsys.readouterr().err
+            assert rc == 0, f"diffpolicy {' '.join(argv)} -> exit {rc}: {err}"
+            ran.append(argv[0] + (" --remote" if "--remote" in argv else ""))
+        assert ran.count("train") >= 4 and ran.count("distill") == 2 and "export" in ran
+        assert "serve" in ran and "eval --remote" in ran
+        for code in python_blocks():
+            namespace = snippet_inputs(code)
+            exec(compile(code.replace(DOC_PORT, port), "<docs python block>", "exec"), namespace)
+            if "action" in namespace:
+                assert namespace["action"].shape == (1, 2) and np.isfinite(namespace["action"]).all()
+    finally:
+        if server is not None:
+            server.terminate()  # SIGTERM: the server stops cleanly
+            server.wait(timeout=60)
     assert (tmp_path / "data" / "my_pusht.zarr").exists()
 
 

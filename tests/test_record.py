@@ -4,10 +4,13 @@ import os
 
 os.environ["SDL_VIDEODRIVER"] = "dummy"  # before pygame opens a window
 
+from pathlib import Path
+
 import numpy as np
 import pygame
 import pytest
 
+import diffpolicy
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.tasks.pusht import PushTTask
 from diffpolicy.tasks.record import record_pusht
@@ -81,6 +84,8 @@ def test_record_without_a_screen_refuses_and_creates_nothing(tmp_path):
     store.add_episode({"action": np.zeros((3, 2), np.float32)})
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env["SDL_VIDEODRIVER"] = "offscreen"
+    package_root = str(Path(diffpolicy.__file__).resolve().parents[1])  # this checkout's code
+    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "diffpolicy.cli", "record", "--episodes", "1", "--out", str(out)]
     result = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
