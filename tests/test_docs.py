@@ -171,12 +171,12 @@ def start_server(argv: list[str], cwd: Path) -> subprocess.Popen:
 def snippet_inputs(code: str) -> dict[str, object]:
     """The names a python block leaves to the reader: recordings, and Push-T state observations per
     environment (controller.act) or as windows (client.predict, policy.predict_action)."""
-    windows = "client.predict(" in code
     kp, xy = np.full((1, 9, 2), 256.0, np.float32), np.full((1, 2), 200.0, np.float32)
-    if windows:
-        kp, xy = np.repeat(kp[:, None], 2, axis=1), np.repeat(xy[:, None], 2, axis=1)
-    obs = {"keypoint": kp, "agent_pos": xy}
-    return {"my_recordings": fake_recordings(), "kp": kp, "xy": xy, "observation": obs}
+    observation = {"keypoint": kp, "agent_pos": xy}  # one row per environment
+    obs = {k: np.repeat(v[:, None], 2, axis=1) for k, v in observation.items()}  # (B, n_obs_steps, ...)
+    if "client.predict({" in code:
+        kp, xy = obs["keypoint"], obs["agent_pos"]
+    return {"my_recordings": fake_recordings(), "kp": kp, "xy": xy, "observation": observation, "obs": obs}
 
 
 def test_the_documented_commands_and_snippets_run(tmp_path, monkeypatch, capsys):
