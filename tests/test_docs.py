@@ -51,7 +51,7 @@ TINY_TRAIN = [
     "policy.transformer.n_head=2",
     "policy.scheduler.num_inference_steps=2",
 ]
-TINY_EVAL = ["eval.n_episodes=1", "eval.n_envs=1", "eval.max_steps=3"]
+TINY_EVAL = ["eval.n_episodes=1", "eval.n_envs=1", "eval.max_steps=3", "eval.n_videos=0"]
 TINY_DISTILL = [
     "distill.num_steps=2",
     "distill.warmup_steps=0",
