@@ -160,7 +160,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
-    _check_against_training_seeds(cfg)
+    if args.checkpoint:  # a served policy's config names no data (the server keeps paths to itself)
+        _check_against_training_seeds(cfg)
     if not cfg.task.name:
         raise ConfigError(
             f"{args.checkpoint} was trained on a dataset without a task: no simulator to evaluate it in"
@@ -187,7 +188,12 @@ def _check_against_training_seeds(cfg: RunConfig, run_dir: Path | None = None) -
     from diffpolicy.data.episodes import EpisodeStore
     from diffpolicy.data.formats import detect_format
 
-    path = Path(cfg.data.path or Path(run_dir or cfg.run_dir or ".") / "demos.zarr")
+    if cfg.data.path:
+        path = Path(cfg.data.path)
+    elif run_dir is not None:
+        path = run_dir / "demos.zarr"
+    else:  # a checkpoint whose run read its own demos.zarr: the config does not say where that run was
+        return
     try:
         if not path.exists() or detect_format(path) != "episode_store":
             return
