@@ -3,8 +3,9 @@
     # 1. the guided teacher in closed loop: v = v_good + g (v_good - v_bad), with a weaker model of the same
     #    recipe (here the 10,000-step teacher) as the bad one; any eval.* override, as for `diffpolicy eval`
     python bench/autoguidance.py eval --good runs/pusht_state_v_30k/checkpoints/latest \\
-        --bad runs/pusht_state_v/checkpoints/latest --guidance 0.5 --episodes 200 --out runs/val_ag05_ddim10 \\
-        eval.sampler=ddim eval.num_inference_steps=10 eval.seed=200000 eval.n_videos=0
+        --bad runs/pusht_state_v/checkpoints/latest --guidance 0.5 --episodes 200 \\
+        --out runs/val_ag05_ddim10 eval.sampler=ddim eval.num_inference_steps=10 eval.seed=200000 \\
+        eval.n_videos=0
     # 2. DMD whose "real" score is the guided teacher (everything else is `diffpolicy distill`'s)
     python bench/autoguidance.py distill --good runs/pusht_state_v_30k/checkpoints/latest \\
         --bad runs/pusht_state_v/checkpoints/latest --guidance 0.5 --run-dir runs/dmdag05_30kT_s0 \\

@@ -33,6 +33,66 @@ def test_collection_seeds_may_not_reach_validation_seeds(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_collection_may_start_right_after_the_evaluation_seeds(tmp_path):
+    """The evaluation range is eval.seed .. eval.seed + n_episodes - 1: the next seed is free."""
+    out = tmp_path / "d.zarr"
+    args = ["collect", "--task", "trajectory2d", "--episodes", "2", "--out", str(out)]
+    assert main([*args, "--seed", "100002", "eval.n_episodes=2"]) == 0
+    assert list(EpisodeStore.open(out).attrs["seeds"]) == [100002, 100003]
+    assert main([*args, "--seed", "100001", "eval.n_episodes=2", "--overwrite"]) == 2
+
+
+def test_evaluation_seeds_inside_the_demonstrations_are_refused(tmp_path, capsys):
+    """A store that records its seeds is checked against the evaluation ranges before any training."""
+    data, run = tmp_path / "d.zarr", tmp_path / "run"
+    assert (
+        main(["collect", "--task", "trajectory2d", "--episodes", "3", "--seed", "10", "--out", str(data)])
+        == 0
+    )
+    capsys.readouterr()
+    tiny = [
+        "train.num_steps=2",
+        "train.batch_size=4",
+        "policy.unet.down_dims=[8,16]",
+        "policy.unet.n_groups=4",
+    ]
+    args = [
+        "train",
+        "--preset",
+        "trajectory2d_lowdim_unet",
+        "--run-dir",
+        str(run),
+        f"data.path={data}",
+        *tiny,
+    ]
+    assert main([*args, "eval.seed=11", "eval.n_episodes=5", "eval.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.seed=11" in err and "seeds 11, 12" in err and str(data) in err
+    assert not run.exists()  # refused before the run folder is made
+    assert main([*args, "train.eval_every=4", "train.eval_seed=0", "train.eval_episodes=20"]) == 2
+    assert "train.eval_seed=0" in capsys.readouterr().err
+    # 3 episodes kept from seeds 10..12: seed 13 on is unseen, and evaluating a checkpoint checks the same
+    ckpt = run / "checkpoints" / "latest"
+    assert main([*args, "eval.seed=13", "eval.n_episodes=1", "eval.max_steps=2"]) == 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "e"), "eval.seed=12"]) == 2
+    assert "eval.seed=12" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["eval", "--checkpoint", "ckpt"], ["distill", "--teacher", "ckpt"], ["serve", "--checkpoint", "c"]],
+)
+def test_commands_that_start_from_a_checkpoint_explain_why_they_take_no_preset(command, tmp_path, capsys):
+    """README: collect / train / demo / bench take --preset; eval, serve and distill say why they do not
+    (before looking for the checkpoint, and without making a run folder)."""
+    assert main([*command, "--preset", "pusht_state_unet_cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"diffpolicy {command[0]} takes no --preset" in err and "config" in err
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", "ckpt", "--run-dir", str(run), "--preset", "x"]) == 2
+    assert not run.exists()
+
+
 def test_unknown_key_is_a_clear_error(capsys):
     assert main(["train", "--preset", "trajectory2d_lowdim_unet", "train.bach_size=3"]) == 2
     assert "unknown config key 'train.bach_size'" in capsys.readouterr().err
@@ -52,12 +112,14 @@ def test_train_then_eval(tmp_path, traj_store, capsys):
         "policy.unet.down_dims=[16,32]",
         "policy.unet.n_groups=4",
         "policy.scheduler.num_inference_steps=4",
-        "eval.n_episodes=2",
+        "--episodes",  # the final evaluation's episodes, as `eval --episodes` (README: "--episodes 20")
+        "2",
         "eval.n_envs=2",
         "eval.max_steps=20",
     ]
     assert main(args) == 0
-    assert "success" in capsys.readouterr().out
+    assert "over 2 episodes" in capsys.readouterr().out
+    assert json.loads((run / "eval" / "report.json").read_text())["n_episodes"] == 2
     out = tmp_path / "ev"
     assert (
         main(

@@ -57,3 +57,42 @@ def test_with_overrides_copies_and_checks():
     assert other.eval.n_episodes == 7 and cfg.eval.n_episodes == 50
     with pytest.raises(ConfigError, match="unknown config key 'eval.n_episode'"):
         with_overrides(cfg, ["eval.n_episode=7"])
+
+
+@pytest.mark.parametrize(
+    "preset", ["trajectory2d_lowdim_unet", "pusht_state_unet_cpu", "pointmaze_state_unet_cpu"]
+)
+def test_the_sampler_follows_the_objective_set_after_it(preset):
+    """policy.objective=flow on a DDPM preset: the preset's DDPM sampler and its step count give way to the
+    flow default (issue 38 item 6), as policy.objective=ddpm does on the flow preset."""
+    flow = load_config(preset, ["policy.objective=flow"])
+    assert (flow.policy.scheduler.sampler, flow.policy.scheduler.num_inference_steps) == ("euler", 4)
+    back = load_config("pusht_state_flow_cpu", ["policy.objective=ddpm"])
+    assert (back.policy.scheduler.sampler, back.policy.scheduler.num_inference_steps) == ("ddpm", 100)
+    # a step count or sampler the command line names is kept (heun fits a flow policy)
+    steps = load_config(preset, ["policy.objective=flow", "policy.scheduler.num_inference_steps=10"])
+    assert (steps.policy.scheduler.sampler, steps.policy.scheduler.num_inference_steps) == ("euler", 10)
+    heun = load_config(preset, ["policy.scheduler.sampler=heun", "policy.objective=flow"])
+    assert heun.policy.scheduler.sampler == "heun"
+    # the Python API follows the same rule
+    from diffpolicy.config import with_overrides
+
+    assert with_overrides(load_config(preset), ["policy.objective=flow"]).policy.scheduler.sampler == "euler"
+
+
+def test_a_sampler_named_with_the_objective_that_does_not_fit_it_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError, match="policy.scheduler.sampler='ddim' does not fit policy.objective='flow'"
+    ):
+        load_config("trajectory2d_lowdim_unet", ["policy.objective=flow", "policy.scheduler.sampler=ddim"])
+    with pytest.raises(
+        ConfigError, match="policy.scheduler.sampler='ddpm' does not fit policy.objective='flow'"
+    ):
+        load_config("pusht_state_flow_cpu", ["policy.scheduler.sampler=ddpm"])
+    preset = tmp_path / "mine.yaml"  # objective and sampler named together in one preset: a contradiction
+    preset.write_text("policy:\n  objective: flow\n  scheduler:\n    sampler: ddim\n")
+    with pytest.raises(ConfigError, match="does not fit policy.objective='flow'"):
+        load_config(preset)
+    # a preset naming only the objective gets the objective's sampler
+    preset.write_text("policy:\n  objective: flow\n")
+    assert load_config(preset).policy.scheduler.sampler == "euler"

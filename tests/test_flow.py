@@ -28,8 +28,10 @@ def flow_policy(*overrides: str) -> FlowPolicy:
 
 def test_objective_builds_a_flow_policy_and_checks_its_sampler():
     assert isinstance(flow_policy(), FlowPolicy)
+    # the preset's DDPM sampler follows an objective set above it (tests/test_config.py has the rule) ...
+    assert tiny_config("policy.objective=flow").policy.scheduler.sampler == "euler"
     with pytest.raises(ConfigError, match="policy.scheduler.sampler='ddpm' does not fit"):
-        tiny_config("policy.objective=flow")
+        tiny_config("policy.objective=flow", "policy.scheduler.sampler=ddpm")  # ... one named with it not
     with pytest.raises(ConfigError, match="policy.scheduler.sampler='euler' does not fit"):
         tiny_config("policy.scheduler.sampler=euler")
     with pytest.raises(ConfigError, match="policy.objective=flow is for policy.type=diffusion"):

@@ -62,5 +62,11 @@ def test_collect_train_eval(tmp_path, preset, extra):
     )
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["task"] == "pusht" and report["n_episodes"] == 2
-    assert 0.0 <= report["mean_max_reward"] <= 1.0
+    episodes = report["episodes"]
+    assert [e["seed"] for e in episodes] == [100_000, 100_001]  # eval.seed onwards, none from the demos
+    for e in episodes:  # Push-T: reward = clip(coverage / 0.95), success = coverage > 0.95
+        assert e["success"] == (e["max_reward"] >= 1.0) and 0.0 < e["max_reward"] <= 1.0
+        assert e["length"] == 24 or e["success"]  # eval.max_steps unless solved earlier
+    assert report["mean_max_reward"] == pytest.approx(sum(e["max_reward"] for e in episodes) / 2)
+    assert report["success_rate"] == sum(e["success"] for e in episodes) / 2
     assert any(v.endswith(".mp4") for v in report["videos"])

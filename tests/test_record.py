@@ -4,10 +4,13 @@ import os
 
 os.environ["SDL_VIDEODRIVER"] = "dummy"  # before pygame opens a window
 
+from pathlib import Path
+
 import numpy as np
 import pygame
 import pytest
 
+import diffpolicy
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.tasks.pusht import PushTTask
 from diffpolicy.tasks.record import record_pusht
@@ -52,6 +55,10 @@ def test_record_keeps_discards_and_quits(tmp_path):
     np.testing.assert_allclose(ep["agent_pos"][0], obs["agent_pos"])
     env.close()
     assert store.attrs["task"] == "pusht" and store.attrs["fps"] == 0
+    assert list(store.attrs["seeds"]) == [7]  # what train / eval check evaluation seeds against
+    quit_at_once = tmp_path / "none.zarr"  # nothing kept: no empty store left behind
+    assert record_pusht(quit_at_once, 1, fps=0, on_frame=scripted({0: [("key", pygame.K_q)]})) == 0
+    assert not quit_at_once.exists()
 
 
 def test_record_lerobot_format(tmp_path):
@@ -62,3 +69,30 @@ def test_record_lerobot_format(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lr"]  # the temporary store is gone
     with pytest.raises(FileExistsError):
         record_pusht(tmp_path / "lr", n_episodes=1, fmt="lerobot")
+
+
+def test_record_without_a_screen_refuses_and_creates_nothing(tmp_path):
+    """Headless (no DISPLAY: SDL falls back to its offscreen driver) nobody can see the window or move the
+    mouse: record stops at once with a message saying so, and neither creates nor replaces a store. (It
+    used to wait forever on the invisible window, having emptied the store.) A subprocess with a timeout,
+    so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "mine.zarr"
+    store = EpisodeStore.create(out)
+    store.add_episode({"action": np.zeros((3, 2), np.float32)})
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["SDL_VIDEODRIVER"] = "offscreen"
+    package_root = str(Path(diffpolicy.__file__).resolve().parents[1])  # this checkout's code
+    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "diffpolicy.cli", "record", "--episodes", "1", "--out", str(out)]
+    result = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "no screen" in result.stderr and "offscreen" in result.stderr
+    assert EpisodeStore.open(out).n_episodes == 1  # the user's store is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.zarr"]  # and nothing else was written
+    result = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "new.zarr")], env=env, capture_output=True, timeout=120
+    )
+    assert result.returncode == 2 and not (tmp_path / "new.zarr").exists()

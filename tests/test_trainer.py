@@ -11,7 +11,9 @@ from conftest import tiny_config
 
 from diffpolicy.checkpoint import load_training_state
 from diffpolicy.config import ConfigError
+from diffpolicy.evaluation import evaluate
 from diffpolicy.policy import load_policy
+from diffpolicy.tasks import make_task
 from diffpolicy.training.trainer import EpochBatchSampler, ResumeMismatch, Trainer, TrainingDiverged
 
 
@@ -35,12 +37,16 @@ def test_run_folder_holds_everything(tmp_path, traj_store):
         "eval/rollouts.png",
     ):
         assert (run / name).exists(), name
-    assert report["n_episodes"] == 2 and 0.0 <= report["success_rate"] <= 1.0
+    assert report["n_episodes"] == 2 and [e["seed"] for e in report["episodes"]] == [100_000, 100_001]
+    assert report["success_rate"] == sum(e["success"] for e in report["episodes"]) / 2
     # issue 38 item 15: without periodic evaluations (train.eval_every=0) nothing is ranked: a top-k entry
     # would be chosen on the final evaluation's seeds, the episodes it is reported on
     assert not (run / "checkpoints" / "topk").exists()
     policy, cfg = load_policy(run / "checkpoints" / "latest")
     assert cfg.train.num_steps == 24 and not policy.training
+    # the final report is the saved policy's: evaluating `latest` again gives the same episodes
+    again = evaluate(policy, make_task(cfg.task.name, **cfg.task.kwargs), cfg.eval, tmp_path / "again")
+    assert again["episodes"] == report["episodes"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/loss" in r for r in rows) and any("train/loss" in r for r in rows)
 

@@ -1,7 +1,8 @@
 """Command line: diffpolicy collect | train | distill | eval | serve | export | record | demo | bench | ...
 
-Every command that builds a run takes `--preset NAME` (a YAML file in diffpolicy/configs, or a path)
-and any number of dotted overrides such as `train.batch_size=64 policy.net=transformer`.
+collect, train, demo and bench take `--preset NAME` (a YAML file in diffpolicy/configs, or a path) and any
+number of dotted overrides such as `train.batch_size=64 policy.net=transformer`; eval, serve and distill
+start from a checkpoint's own config and take overrides only.
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from diffpolicy.training.trainer import Trainer
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset, _with_episodes(args))
     run_dir = _run_dir(cfg, args.run_dir)
     if not cfg.data.path and not (run_dir / "demos.zarr").exists():
         raise ConfigError(
             "data.path is empty and the run folder has no demos.zarr: collect first "
             "(diffpolicy collect ...) and pass data.path=<store>"
         )
+    _check_against_training_seeds(cfg, run_dir)  # the Trainer checks again; here before any folder exists
     report = Trainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
@@ -70,13 +72,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from diffpolicy.distill import DistillTrainer, distill_config
 
-    cfg = distill_config(args.teacher, args.overrides)
+    _refuse_preset(
+        args,
+        "the distillation starts from the teacher's own run config; change it with "
+        "distill.* / train.* overrides",
+    )
+    cfg = distill_config(args.teacher, _with_episodes(args))
     run_dir = _run_dir(cfg, args.run_dir)
     report = DistillTrainer(cfg, run_dir, resume=not args.no_resume, overwrite=args.overwrite).fit()
     if report:  # empty on ranks other than 0 under torchrun
         _print_summary(report, run_dir / "eval")
         print(f"student: {run_dir / 'checkpoints' / 'latest'}")
     return exit_code(report["interrupted"]) if report.get("interrupted") else 0
+
+
+def _with_episodes(args: argparse.Namespace) -> list[str]:
+    """The overrides, and `--episodes N` as eval.n_episodes=N (the final evaluation, as in eval)."""
+    extra = [] if args.episodes is None else [f"eval.n_episodes={args.episodes}"]
+    return list(args.overrides) + extra
+
+
+def _refuse_preset(args: argparse.Namespace, why: str) -> None:
+    """Commands that start from a checkpoint's config take no preset: say so instead of 'unrecognized'."""
+    if args.preset is not None:
+        raise ConfigError(f"diffpolicy {args.command} takes no --preset: {why}")
 
 
 def _only_eval_overrides(command: str, overrides: list[str]) -> None:
@@ -151,6 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.tasks import make_task
     from diffpolicy.training.trainer import resolve_device
 
+    _refuse_preset(args, CHECKPOINT_CONFIG)
     _only_eval_overrides("eval", args.overrides)
     if args.remote and args.checkpoint:
         raise ConfigError("diffpolicy eval takes --checkpoint or --remote, not both")
@@ -175,6 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = with_overrides(saved, args.overrides)
     if args.episodes:
         cfg.eval.n_episodes = args.episodes
+    if args.checkpoint:  # a served policy's config names no data (the server keeps paths to itself)
+        _check_against_training_seeds(cfg)
     if not cfg.task.name:
         raise ConfigError(f"{label} was trained on a dataset without a task: no simulator to evaluate it in")
     task = make_task(cfg.task.name, **cfg.task.kwargs)
@@ -186,6 +208,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lat = policy.latencies
         print("mean latency (ms): " + ", ".join(f"{k} {np.mean([x[k] for x in lat]):.2f}" for k in lat[0]))
     return exit_code(report["interrupted"]) if report.get("interrupted") else 0
+
+
+def _check_against_training_seeds(cfg: RunConfig, run_dir: Path | None = None) -> None:
+    """The evaluation seeds must not reach the seeds of the demonstrations the policy trains (or was
+    trained) on, where the store is at data.path (or <run_dir>/demos.zarr) and records them (collect and
+    record do). With `run_dir` (train) the periodic evaluations' range is checked too."""
+    from diffpolicy.collect import check_unseen_evaluation_seeds
+    from diffpolicy.data.episodes import EpisodeStore
+    from diffpolicy.data.formats import detect_format
+
+    if cfg.data.path:
+        path = Path(cfg.data.path)
+    elif run_dir is not None:
+        path = run_dir / "demos.zarr"
+    else:  # a checkpoint whose run read its own demos.zarr: the config does not say where that run was
+        return
+    try:
+        if not path.exists() or detect_format(path) != "episode_store":
+            return
+        store = EpisodeStore.open(path)
+    except (OSError, ValueError):  # moved, unreadable or foreign data: nothing recorded to check against
+        return
+    check_unseen_evaluation_seeds(cfg, store, path, periodic=run_dir is not None)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -238,6 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffpolicy.serving.server import TOKEN_ENV, PolicyServer
     from diffpolicy.training.trainer import resolve_device
 
+    _refuse_preset(args, CHECKPOINT_CONFIG)
     _only_eval_overrides("serve", args.overrides)
     policy, saved = load_policy(args.checkpoint, device=resolve_device(args.device))
     cfg = with_overrides(saved, args.overrides)
@@ -413,6 +459,11 @@ def _print_summary(report: dict, out: Path) -> None:
         print(json.dumps(extra, indent=None))
 
 
+CHECKPOINT_CONFIG = (
+    "a checkpoint runs with the config it was trained with (its config.yaml); change evaluation settings "
+    "with eval.* overrides"
+)
+EPISODES_HELP = "episodes of the final evaluation (eval.n_episodes; 0 skips it)"
 OVERWRITE_HELP = "start again in a folder holding a run: its outputs move to <run-dir>/replaced-<time>/"
 
 
@@ -424,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     def with_preset(p: argparse.ArgumentParser, default: str | None = None) -> None:
         p.add_argument("--preset", default=default, help=f"preset name or YAML path ({default or 'none'})")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
+
+    def no_preset(p: argparse.ArgumentParser) -> None:  # read only to explain the refusal (_refuse_preset)
+        p.add_argument("--preset", help=argparse.SUPPRESS)
 
     p = sub.add_parser("collect", help="run a scripted expert into an EpisodeStore")
     p.add_argument("--task", help="task name (overrides the preset's)")
@@ -440,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<name>-<time>)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--episodes", type=int, help=EPISODES_HELP)
     with_preset(p)
     p.set_defaults(func=cmd_train)
 
@@ -450,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<teacher name>-consistency-<time>)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--episodes", type=int, help=EPISODES_HELP)
+    no_preset(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.num_steps=500")
     p.set_defaults(func=cmd_distill)
 
@@ -460,13 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="evaluate the policy served there (diffpolicy serve; token: $DIFFPOLICY_SERVE_TOKEN)",
     )
-    p.add_argument("--episodes", type=int)
+    p.add_argument("--episodes", type=int, help="episodes to evaluate (eval.n_episodes)")
     p.add_argument(
         "--out",
         help="report folder, not one holding a report (default <run>/eval_checkpoints/<checkpoint>-<time>, "
         "never inside it; --remote: runs/eval-remote-<host>_<port>-<time>)",
     )
     p.add_argument("--device", default="auto")
+    no_preset(p)
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
 
@@ -489,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by mixed batches")
     p.add_argument("--max-seconds", type=float, help="stop by itself after this long")
+    no_preset(p)
     p.add_argument("overrides", nargs="*", help="eval.* inference overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_serve)
 

@@ -42,6 +42,36 @@ def _episodes(cfg: RunConfig, seeds: list[int]) -> Iterator[tuple[int, dict[str,
         yield from pool.imap(_collect_one, seeds, chunksize=1)
 
 
+def recorded_seeds(store: EpisodeStore) -> list[int] | None:
+    """The seeds a store's episodes started from, as `collect` / `diffpolicy record` wrote them (None if the
+    store does not say: data from elsewhere)."""
+    seeds = store.attrs.get("seeds")
+    return None if seeds is None else [int(s) for s in seeds]
+
+
+def check_unseen_evaluation_seeds(
+    cfg: RunConfig, store: EpisodeStore, where: str | Path, periodic: bool = True
+) -> None:
+    """Refuse evaluation seed ranges (eval.seed, and train.eval_seed when `periodic` and periodic
+    evaluations run) that hold a demonstration's seed: a policy would be scored on start states it was
+    trained on. Only stores that record their seeds are checked; `where` names the store in the message."""
+    seeds = recorded_seeds(store)
+    if not seeds or not cfg.task.name:
+        return
+    ranges = [("eval.seed", cfg.eval.seed, cfg.eval.n_episodes)]
+    if periodic and cfg.train.eval_every:
+        ranges.append(("train.eval_seed", cfg.train.eval_seed, cfg.train.eval_episodes))
+    for key, start, n in ranges:
+        seen = sorted(s for s in seeds if start <= s < start + n)
+        if seen:
+            shown = ", ".join(map(str, seen[:5])) + (", ..." if len(seen) > 5 else "")
+            raise ConfigError(
+                f"{key}={start} ({n} episodes) would evaluate on the start states of demonstrations in "
+                f"{where} (seeds {shown}; it records seeds {min(seeds)}..{max(seeds)}): choose {key} "
+                f"above {max(seeds)} or below {min(seeds) - n + 1}"
+            )
+
+
 def collect(
     cfg: RunConfig, output: str | Path, overwrite: bool = False, progress: bool = True
 ) -> EpisodeStore:
@@ -63,7 +93,7 @@ def collect(
     for start, n, what in held_out:
         if cc.seed < start:
             seed_limit = start if seed_limit is None else min(seed_limit, start)
-        elif cc.seed <= start + n:
+        elif cc.seed < start + n:  # the range is start .. start + n - 1
             end = start + n - 1
             raise ConfigError(f"collection seeds from {cc.seed} would overlap the {what} {start}..{end}")
     max_attempts = 2 * n_wanted + 20

@@ -11,7 +11,10 @@ user's recording notes (LeRobot's `control_robot.py record`):
 An episode stops advancing at the 300-step limit; it is saved only on Enter. Every step stores the same
 keys as the scripted collector (`PushTTask.step_record`), so `diffpolicy train data.path=...` works on a
 recording as on `diffpolicy collect`'s output. Only the window's event queue is read, so tests drive a
-recording headless (SDL_VIDEODRIVER=dummy) by posting synthetic pygame events.
+recording headless (SDL_VIDEODRIVER=dummy) by posting synthetic pygame events through `on_frame`; without
+`on_frame`, a video driver that shows nothing (no display: SDL's offscreen or dummy driver) is refused.
+The store is written beside `out` and put in place only once episodes are kept: a refused or empty
+recording creates nothing and replaces nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from diffpolicy.data.episodes import EpisodeStore
+from diffpolicy.data.formats.base import atomic_folder
 from diffpolicy.tasks.pusht import WORKSPACE, PushTTask
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
+# SDL video drivers that open no visible window (what SDL picks without DISPLAY / WAYLAND_DISPLAY)
+INVISIBLE_DRIVERS = ("offscreen", "dummy")
+
+
+class _NothingKept(Exception):
+    """No episode was kept: the temporary store is discarded instead of put in place."""
 
 
 class TeleopRecorder:
@@ -65,6 +76,14 @@ class TeleopRecorder:
         pg.display.init()  # display and font only: no audio device needed
         pg.font.init()
         try:
+            driver = pg.display.get_driver()
+            if driver in INVISIBLE_DRIVERS and self.on_frame is None:
+                raise RuntimeError(
+                    f"no screen for the teleoperation window: SDL chose its {driver!r} video driver (no "
+                    "DISPLAY or WAYLAND_DISPLAY, or SDL_VIDEODRIVER says so), so nobody could see the window "
+                    "or move the mouse in it; run diffpolicy record on a machine with a display (or over "
+                    "ssh -X). Nothing was written."
+                )
             screen = pg.display.set_mode((self.window, self.window))
             pg.display.set_caption("diffpolicy record: mouse drives, Enter keeps, Left redoes, q quits")
             self.font = pg.font.Font(None, 22)
@@ -148,12 +167,9 @@ def record_pusht(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already exists; pass --overwrite to replace it")
     task = PushTTask(obs_type=obs_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        prefix=f".{out.name}.", dir=out.parent if fmt == "lerobot" else None
-    ) as tmp:
-        path = out if fmt == "zarr" else Path(tmp) / "store.zarr"
-        store = EpisodeStore.create(path, overwrite=overwrite)
+
+    def record(path: Path) -> int:
+        store = EpisodeStore.create(path, overwrite=True)  # `path` is this recording's own temporary
         store.attrs.update(
             {
                 "task": "pusht",
@@ -163,11 +179,26 @@ def record_pusht(
             }
         )
         kept = TeleopRecorder(store, task, n_episodes, seed=seed, fps=fps, on_frame=on_frame).run()
-        store.attrs.update({"seeds_start": seed})
+        # episode i started from seed + i (a redone attempt reuses its seed): train / eval check these
+        store.attrs.update({"seeds_start": seed, "seeds": list(range(seed, seed + kept))})
         if fmt == "lerobot" and kept:
             from diffpolicy.data.formats.lerobot import write_lerobot
 
             write_lerobot(
                 store, out, fps=fps, task="Push the T onto the goal", overwrite=overwrite, progress=False
             )
+        return kept
+
+    if fmt == "lerobot":  # write_lerobot puts the folder in place atomically
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            return record(Path(tmp) / "store.zarr")
+    kept = 0
+    try:
+        with atomic_folder(out, overwrite) as tmp:
+            kept = record(tmp)
+            if not kept:
+                raise _NothingKept
+    except _NothingKept:
+        pass
     return kept

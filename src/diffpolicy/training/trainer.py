@@ -60,6 +60,7 @@ from diffpolicy.checkpoint import (
     recover_checkpoints,
     save_checkpoint,
 )
+from diffpolicy.collect import check_unseen_evaluation_seeds
 from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import open_training_data
@@ -410,6 +411,8 @@ class Trainer:
         )
         if self.world_size > 1 and self.is_main:
             dist.barrier()
+        if self.task is not None:
+            check_unseen_evaluation_seeds(cfg, store, path)
         log.info("%s", note)
         train_ids, val_ids, split_note = split_store(
             store,
