@@ -62,7 +62,7 @@ class RecedingHorizonController:
         self.policy = policy
         self.obs_meta = policy.shape_meta["obs"]
         self.n_obs_steps = policy.n_obs_steps
-        self.n_action_steps = n_action_steps or policy.n_action_steps
+        self.n_action_steps = policy.n_action_steps if n_action_steps is None else int(n_action_steps)
         executable = policy.horizon - policy.n_obs_steps + 1
         if not 1 <= self.n_action_steps <= executable:
             raise ValueError(
