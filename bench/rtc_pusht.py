@@ -1,10 +1,10 @@
-"""Synchronous execution vs temporal ensembling vs real-time chunking under inference delay (issue 31).
+"""Synchronous execution vs temporal ensembling vs real-time chunking under inference delay (issues 31, 38).
 
 For each simulated delay (milliseconds of policy time, turned into control steps at --control-hz) and
 each execution mode of control.AsyncChunkController, rolls a checkpoint out on the same seeds and reports
 the success rate and the jerk at chunk boundaries (mean |a_t - 2 a_{t-1} + a_{t-2}| at the steps where a
 new chunk takes over, in action units) against the same statistic inside chunks. Prints a markdown table
-and writes JSON. Never asserts.
+and writes JSON. Never asserts. DDPM- and flow-trained checkpoints alike (a flow policy: eval.sampler=euler).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/rtc_pusht.py --checkpoint RUN/checkpoints/latest \\
         --episodes 50 --delays-ms 0 100 300 --modes sync ensemble naive rtc --out bench/notes/rtc_pusht.json
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffpolicy.config import with_overrides
-from diffpolicy.control import AsyncChunkController, boundary_jerk
+from diffpolicy.control import RTC_MAX_GUIDANCE, AsyncChunkController, boundary_jerk
 from diffpolicy.evaluation import configure_inference, run_rollouts, wilson_interval
 from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
@@ -46,7 +46,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["sync", "ensemble", "naive", "rtc"])
     parser.add_argument("--control-hz", type=float, default=10.0, help="Push-T: 10 Hz")
     parser.add_argument(
-        "--max-guidance", type=float, default=1000.0, help="clip of the PiGDM weight 1/(1-abar)"
+        "--max-guidance",
+        type=float,
+        default=RTC_MAX_GUIDANCE,
+        help="beta, Black et al.'s clip of the guidance weight (1 - tau) / (tau r^2) on the velocity "
+        f"(default {RTC_MAX_GUIDANCE:g}, theirs; 1000: PiGDM nearly unclipped)",
     )
     parser.add_argument("--n-envs", type=int, default=10)
     parser.add_argument("--out", help="JSON results")
