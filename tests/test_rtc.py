@@ -219,18 +219,23 @@ def test_every_delay_the_controller_accepts_runs_on_schedule(objective, mode):
 def test_rtc_continues_the_actions_that_run_during_inference(objective):
     """In rtc mode a chunk requested at step t is guided towards the current chunk's actions for t, t + 1,
     ...: the d that run while it is computed are its frozen prefix, taken from the right place of the previous
-    chunk (an unguided naive request does not match them)."""
+    chunk (an unguided naive request does not match them). The controller's guidance clip defaults to
+    the paper's beta, 5."""
     policy = build(*OBJECTIVES[objective]).eval()
     s, d = 5, 3
-    rtc = Recording(policy, d, "rtc", n_action_steps=s, generator=torch.Generator().manual_seed(1))
-    naive = Recording(policy, d, "naive", n_action_steps=s, generator=torch.Generator().manual_seed(1))
-    for o in obs_seq(11):
-        rtc.act(o)
-        naive.act(o)
-    (t0, first), (t1, second) = rtc.requested[:2]
-    assert (t0, t1) == (0, 5)
+
+    def run(mode, **kwargs):
+        c = Recording(policy, d, mode, n_action_steps=s, generator=torch.Generator().manual_seed(1), **kwargs)
+        for o in obs_seq(11):
+            c.act(o)
+        return [chunk for _, chunk in c.requested]
+
+    rtc, naive = run("rtc"), run("naive")
+    first, second = rtc[:2]
     np.testing.assert_allclose(second[:, :d], first[:, s : s + d], rtol=0, atol=1e-6)  # frozen prefix
-    assert not np.allclose(naive.requested[1][1][:, :d], first[:, s : s + d])
+    assert not np.allclose(naive[1][:, :d], first[:, s : s + d])
+    np.testing.assert_array_equal(run("rtc", max_guidance=5.0)[1], second)
+    assert not np.allclose(run("rtc", max_guidance=1000.0)[1][:, d:], second[:, d:])
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
