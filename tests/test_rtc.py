@@ -213,6 +213,9 @@ def test_every_delay_the_controller_accepts_runs_on_schedule(objective, mode):
             np.testing.assert_array_equal(actions[k], expected, err_msg=f"delay {d}, step {k}")
         b, inside = boundary_jerk(actions[:, 0], c.switch_steps)
         assert np.isfinite(b) and np.isfinite(inside)
+    if mode != "sync":  # 7 was the largest
+        with pytest.raises(ValueError, match="delay=8 must be <= n_action_steps=7"):
+            Recording(policy, s + 1, mode, n_action_steps=s)
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
