@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffpolicy.data.sequence import prepare_obs
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, FlowPolicy
 
 
 class TemporalEnsembler:
@@ -182,8 +183,6 @@ def guidance_weight(tau: float, max_guidance: float) -> float:
 
 def check_rtc_policy(policy: torch.nn.Module) -> None:
     """Refuse, naming the reason, a policy whose sampler real-time chunking cannot guide."""
-    from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy
-
     if isinstance(policy, ConsistencyPolicy):
         raise ValueError(
             "real-time chunking guides DDPM / DDIM and flow-matching sampling; a consistency-distilled "
@@ -200,6 +199,7 @@ def check_rtc_policy(policy: torch.nn.Module) -> None:
 
 
 def check_max_guidance(max_guidance: float) -> float:
+    """`max_guidance` as a float, or a ValueError naming it when it is negative or not finite."""
     if not (math.isfinite(max_guidance) and max_guidance >= 0):
         raise ValueError(
             f"max_guidance={max_guidance} must be a finite number >= 0 (Black et al.'s beta, the clip of the "
@@ -252,7 +252,7 @@ def guided_chunk(
                 (vjp,) = torch.autograd.grad(x0, x, grad_outputs=W * (y - x0.detach()))
             return x0.detach(), vjp
 
-        if getattr(policy.cfg, "objective", "ddpm") == "flow":
+        if isinstance(policy, FlowPolicy):
             T = policy.cfg.scheduler.num_train_timesteps
 
             def guided_velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -315,8 +315,7 @@ class AsyncChunkController(RecedingHorizonController):
                 chunks join smoothly. At delay 0 nothing runs during inference, so nothing is frozen and
                 the chunk is not guided: rtc is then synchronous execution, action for action (Black et
                 al.'s soft mask would still pull the new chunk towards the old plan's tail, which only
-                delays the reaction to the newest observation: 0.66 against sync's 0.80 on Push-T,
-                bench/notes/serving.md).
+                delays the reaction to the newest observation; bench/notes/serving.md, issue 38).
     Asynchronous modes keep one request in flight, as Black et al.'s d <= s <= H - d: a chunk arrives
     before the next is requested (delay <= n_action_steps) and covers the steps until then
     (n_action_steps + delay <= horizon - n_obs_steps + 1). sync takes any delay.
