@@ -194,7 +194,7 @@ def test_every_delay_the_controller_accepts_runs_on_schedule(objective, mode):
         actions = np.stack([c.act(o) for o in obs_seq(n)])
         assert np.isfinite(actions).all() and actions.shape == (n, 2, 2)
         if mode == "sync":  # hold the last command for d steps, then play s actions
-            requests = list(range(0, n, s + d))[:1] + list(range(s, n, s + d))
+            requests = [0, *range(s, n, s + d)]
             switches = [0] + [r + d for r in requests[1:] if r + d < n]
             starts = switches
         else:  # a request every s steps, usable d steps later (the first at once)
