@@ -29,12 +29,19 @@ from diffpolicy.tasks import make_task
 class _Recording(AsyncChunkController):
     """Keeps every episode batch's switch steps (the schedule is the same for all envs of a batch)."""
 
+    soft_mask_at_zero = False
+
     def reset(self) -> None:
         if hasattr(self, "switch_steps"):
             self.schedules.append(list(self.switch_steps))
         else:
             self.schedules: list[list[int]] = []
         super().reset()
+
+    def _request(self) -> np.ndarray:
+        if self.soft_mask_at_zero and self.mode == "rtc" and self.delay == 0 and self.current is not None:
+            return self._guided()  # Black et al.'s rule at delay 0: no frozen step, the soft mask still pulls
+        return super()._request()
 
 
 def main() -> None:
@@ -51,6 +58,12 @@ def main() -> None:
         default=RTC_MAX_GUIDANCE,
         help="beta, Black et al.'s clip of the guidance weight (1 - tau) / (tau r^2) on the velocity "
         f"(default {RTC_MAX_GUIDANCE:g}, theirs; 1000: PiGDM nearly unclipped)",
+    )
+    parser.add_argument(
+        "--soft-mask-at-zero",
+        action="store_true",
+        help="rtc at delay 0 guides towards the previous chunk's tail as Black et al. (the controller "
+        "plays fresh unguided chunks there, as sync)",
     )
     parser.add_argument("--n-envs", type=int, default=10)
     parser.add_argument("--out", help="JSON results")
@@ -77,6 +90,7 @@ def main() -> None:
                 generator=torch.Generator(device=policy.device).manual_seed(args.first_seed),
                 max_guidance=args.max_guidance,
             )
+            controller.soft_mask_at_zero = args.soft_mask_at_zero
             t0 = time.perf_counter()
             rollouts = run_rollouts(policy, task, cfg.eval, args.episodes, args.first_seed, controller)
             controller.reset()

@@ -365,6 +365,11 @@ class AsyncChunkController(RecedingHorizonController):
         """A new chunk's executable part (N, L, Da) for the current step, guided in rtc mode."""
         if self.mode != "rtc" or self.current is None or self.delay == 0:
             return self._predict()
+        return self._guided()
+
+    def _guided(self) -> np.ndarray:
+        """The rtc request: a chunk guided to continue the current one (frozen for `delay` steps, then
+        Black et al.'s soft mask over the rest of the overlap)."""
         start, chunk = self.current
         offset = self.step - start
         overlap = chunk.shape[1] - offset  # steps of the current chunk still ahead
