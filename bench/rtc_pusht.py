@@ -1,10 +1,10 @@
-"""Synchronous execution vs temporal ensembling vs real-time chunking under inference delay (issue 31).
+"""Synchronous execution vs temporal ensembling vs real-time chunking under inference delay (issues 31, 38).
 
 For each simulated delay (milliseconds of policy time, turned into control steps at --control-hz) and
 each execution mode of control.AsyncChunkController, rolls a checkpoint out on the same seeds and reports
 the success rate and the jerk at chunk boundaries (mean |a_t - 2 a_{t-1} + a_{t-2}| at the steps where a
 new chunk takes over, in action units) against the same statistic inside chunks. Prints a markdown table
-and writes JSON. Never asserts.
+and writes JSON. Never asserts. DDPM- and flow-trained checkpoints alike (a flow policy: eval.sampler=euler).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/rtc_pusht.py --checkpoint RUN/checkpoints/latest \\
         --episodes 50 --delays-ms 0 100 300 --modes sync ensemble naive rtc --out bench/notes/rtc_pusht.json
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffpolicy.config import with_overrides
-from diffpolicy.control import AsyncChunkController, boundary_jerk
+from diffpolicy.control import RTC_MAX_GUIDANCE, AsyncChunkController, boundary_jerk
 from diffpolicy.evaluation import configure_inference, run_rollouts, wilson_interval
 from diffpolicy.policy import load_policy
 from diffpolicy.tasks import make_task
@@ -29,12 +29,19 @@ from diffpolicy.tasks import make_task
 class _Recording(AsyncChunkController):
     """Keeps every episode batch's switch steps (the schedule is the same for all envs of a batch)."""
 
+    soft_mask_at_zero = False
+
     def reset(self) -> None:
         if hasattr(self, "switch_steps"):
             self.schedules.append(list(self.switch_steps))
         else:
             self.schedules: list[list[int]] = []
         super().reset()
+
+    def _request(self) -> np.ndarray:
+        if self.soft_mask_at_zero and self.mode == "rtc" and self.delay == 0 and self.current is not None:
+            return self._guided()  # Black et al.'s rule at delay 0: no frozen step, the soft mask still pulls
+        return super()._request()
 
 
 def main() -> None:
@@ -46,7 +53,17 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["sync", "ensemble", "naive", "rtc"])
     parser.add_argument("--control-hz", type=float, default=10.0, help="Push-T: 10 Hz")
     parser.add_argument(
-        "--max-guidance", type=float, default=1000.0, help="clip of the PiGDM weight 1/(1-abar)"
+        "--max-guidance",
+        type=float,
+        default=RTC_MAX_GUIDANCE,
+        help="beta, Black et al.'s clip of the guidance weight (1 - tau) / (tau r^2) on the velocity "
+        f"(default {RTC_MAX_GUIDANCE:g}, theirs; 1000: PiGDM nearly unclipped)",
+    )
+    parser.add_argument(
+        "--soft-mask-at-zero",
+        action="store_true",
+        help="rtc at delay 0 guides towards the previous chunk's tail as Black et al. (the controller "
+        "plays fresh unguided chunks there, as sync)",
     )
     parser.add_argument("--n-envs", type=int, default=10)
     parser.add_argument("--out", help="JSON results")
@@ -73,6 +90,7 @@ def main() -> None:
                 generator=torch.Generator(device=policy.device).manual_seed(args.first_seed),
                 max_guidance=args.max_guidance,
             )
+            controller.soft_mask_at_zero = args.soft_mask_at_zero
             t0 = time.perf_counter()
             rollouts = run_rollouts(policy, task, cfg.eval, args.episodes, args.first_seed, controller)
             controller.reset()

@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from test_policy import build
 
+from diffpolicy.config import EvalConfig
 from diffpolicy.control import RecedingHorizonController, TemporalEnsembler
+from diffpolicy.evaluation import configure_inference
 
 
 class RecordingPolicy(torch.nn.Module):
@@ -98,5 +101,20 @@ def test_bad_inputs():
     policy = RecordingPolicy(horizon=6, n_obs_steps=2)
     with pytest.raises(ValueError, match="n_action_steps=6 must be in"):
         RecedingHorizonController(policy, n_action_steps=6)
+    with pytest.raises(ValueError, match="n_action_steps=0 must be in"):  # not the policy's 3 in disguise
+        RecedingHorizonController(policy, n_action_steps=0)
     with pytest.raises(KeyError, match="lacks 'pos'"):
         RecedingHorizonController(policy).act({"other": np.zeros((2, 2))})
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_configure_inference_takes_zero_steps_at_its_word(objective):
+    """None keeps the checkpoint's sampling steps; 0 is refused by the policy, not read as None."""
+    overrides = ("policy.objective=flow", "policy.scheduler.sampler=euler") if objective == "flow" else ()
+    policy = build(*overrides).eval()
+    configure_inference(policy, EvalConfig())
+    assert policy.num_inference_steps == 10  # tests/conftest.py TINY
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        configure_inference(policy, EvalConfig(num_inference_steps=0))
+    configure_inference(policy, EvalConfig(num_inference_steps=3))
+    assert policy.num_inference_steps == 3

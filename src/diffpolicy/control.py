@@ -9,12 +9,15 @@ average over all stored chunks that cover it (ACT's rule: weight exp(-decay * i)
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from diffpolicy.data.sequence import prepare_obs
+from diffpolicy.policy import ConsistencyPolicy, DiffusionPolicy, FlowPolicy
 
 
 class TemporalEnsembler:
@@ -62,7 +65,7 @@ class RecedingHorizonController:
         self.policy = policy
         self.obs_meta = policy.shape_meta["obs"]
         self.n_obs_steps = policy.n_obs_steps
-        self.n_action_steps = n_action_steps or policy.n_action_steps
+        self.n_action_steps = policy.n_action_steps if n_action_steps is None else int(n_action_steps)
         executable = policy.horizon - policy.n_obs_steps + 1
         if not 1 <= self.n_action_steps <= executable:
             raise ValueError(
@@ -145,10 +148,15 @@ class RecedingHorizonController:
 
 # --------------------------------------------------------------------------------------------------
 # Asynchronous execution and real-time chunking (Black et al. 2025, "Real-Time Execution of Action
-# Chunking Flow Policies"), for DDPM / DDIM sampling
+# Chunking Flow Policies"), for DDPM / DDIM and flow-matching sampling
 # --------------------------------------------------------------------------------------------------
 
 ASYNC_MODES = ("sync", "naive", "ensemble", "rtc")
+
+# Black et al.'s beta: the clip of the guidance weight (1 - tau) / (tau r_tau^2) on the velocity. Theirs,
+# 5: larger clips make the soft region hard inpainting late in sampling (the weight is unbounded at the
+# clean end); 1000 leaves PiGDM nearly unclipped (bench/notes/serving.md measures both).
+RTC_MAX_GUIDANCE = 5.0
 
 
 def rtc_weights(executable: int, delay: int, overlap: int) -> np.ndarray:
@@ -164,33 +172,67 @@ def rtc_weights(executable: int, delay: int, overlap: int) -> np.ndarray:
     return w
 
 
+def guidance_weight(tau: float, max_guidance: float) -> float:
+    """Black et al.'s guidance weight on the velocity at flow time tau (0 noise, 1 clean):
+    min(beta, (1 - tau) / (tau r^2)), r^2 = (1 - tau)^2 / (tau^2 + (1 - tau)^2) the PiGDM variance of the
+    clean chunk given the noisy one; beta = max_guidance where the weight is unbounded (tau = 0 or 1)."""
+    if tau <= 0.0 or tau >= 1.0:
+        return float(max_guidance)
+    return min(float(max_guidance), (tau**2 + (1 - tau) ** 2) / (tau * (1 - tau)))
+
+
+def check_rtc_policy(policy: torch.nn.Module) -> None:
+    """Refuse, naming the reason, a policy whose sampler real-time chunking cannot guide."""
+    if isinstance(policy, ConsistencyPolicy):
+        raise ValueError(
+            "real-time chunking guides DDPM / DDIM and flow-matching sampling; a consistency-distilled "
+            "student (ConsistencyPolicy, from diffpolicy distill) samples with LCM / CTM jumps, which "
+            "pseudo-inverse guidance does not describe: use its teacher for mode='rtc', or mode='naive' / "
+            "'ensemble' with the student"
+        )
+    if not isinstance(policy, DiffusionPolicy):
+        raise ValueError(
+            f"real-time chunking needs a diffusion or flow-matching policy, not a {type(policy).__name__}"
+        )
+    if not policy.cfg.obs_as_global_cond:
+        raise ValueError("real-time chunking needs policy.obs_as_global_cond=true")
+
+
+def check_max_guidance(max_guidance: float) -> float:
+    """`max_guidance` as a float, or a ValueError naming it when it is negative or not finite."""
+    if not (math.isfinite(max_guidance) and max_guidance >= 0):
+        raise ValueError(
+            f"max_guidance={max_guidance} must be a finite number >= 0 (Black et al.'s beta, the clip of the "
+            f"guidance weight; {RTC_MAX_GUIDANCE} by default, 0 turns guidance off)"
+        )
+    return float(max_guidance)
+
+
 def guided_chunk(
     policy: torch.nn.Module,
     obs: dict[str, torch.Tensor],
     target: torch.Tensor,
     weights: torch.Tensor,
     generator: torch.Generator | None = None,
-    max_guidance: float = 1000.0,
+    max_guidance: float = RTC_MAX_GUIDANCE,
 ) -> torch.Tensor:
     """A chunk (B, horizon, Da) in environment units that continues `target` where `weights` (horizon,) > 0.
 
-    Pseudo-inverse guidance (PiGDM), as real-time chunking uses it: at every denoising step the network's
-    clean estimate x0(x_t) is pulled towards the target by the gradient of the weighted error,
-    J^T diag(W) (y - x0), J = dx0/dx_t (one backward pass through the noise net per step), with guidance
-    weight min(max_guidance, 1 / r_t^2), r_t^2 = 1 - abar_t (Black et al. clip at 5 for flow matching;
-    with DDIM 10 steps on Push-T a clip of 5 barely moved the joins, 1000 - nearly the unclipped PiGDM
-    weight - nearly halved the boundary jerk, bench/notes/serving.md); the corrected estimate goes through the
-    policy's own diffusers scheduler step. Because the gradient flows through the network, the free part
-    of the chunk bends to join the frozen prefix smoothly instead of being pasted next to it. The steps
-    with weight 1 are finally set to the target exactly (those are the actions that execute).
+    Pseudo-inverse guidance (PiGDM), as real-time chunking uses it (Black et al. 2025, eq. 2-4): at every
+    denoising step the network's clean estimate x0(x_t) is pulled towards the target y by the
+    vector-Jacobian product J^T diag(W) (y - x0), J = dx0/dx_t (one backward pass through the noise net per
+    network call), with weight min(beta, (1 - tau) / (tau r_tau^2)) on the velocity (`guidance_weight`),
+    beta = max_guidance. A flow policy integrates the guided velocity v - weight * J^T W (y - x0),
+    x0 = x_s - s v, with its own Euler (or Heun) steps (`FlowPolicy.integrate`); a DDPM policy's timestep t
+    is the flow time tau = sqrt(abar_t) / (sqrt(abar_t) + sqrt(1 - abar_t)) of the same path rescaled, and
+    the weight goes onto the score (weight * tau / (1 - tau), which is PiGDM's 1 / r_t^2 = 1 / (1 - abar_t)
+    unclipped) before the policy's own diffusers scheduler step. Because the correction flows back through
+    the network, the free part of the chunk bends to join the frozen prefix instead of being pasted next to
+    it. The steps with weight 1 are finally set to the target exactly (those actions run from the previous
+    chunk while this one is computed).
     """
-    if not policy.cfg.obs_as_global_cond:
-        raise ValueError("real-time chunking needs policy.obs_as_global_cond=true")
-    if getattr(policy.cfg, "objective", "ddpm") != "ddpm":
-        raise ValueError(
-            "real-time chunking guides DDPM / DDIM sampling; a flow-matching policy is not supported yet"
-        )
-    kind = policy.cfg.scheduler.prediction_type
+    check_rtc_policy(policy)
+    max_guidance = check_max_guidance(max_guidance)
     with torch.inference_mode(False), torch.no_grad():
         features = policy.encode_obs({k: v.clone() for k, v in obs.items()})
         cond = policy.global_cond(features)
@@ -201,27 +243,55 @@ def guided_chunk(
         sample = policy.noise_scale * torch.randn(
             shape, device=features.device, dtype=features.dtype, generator=generator
         )
-        alphas = policy.noise_scheduler.alphas_cumprod.to(features.device, features.dtype)
-        policy.set_sampling_timesteps(features.device)
-        for t in policy.sampler.timesteps:
-            t_b = torch.full((B,), int(t), device=features.device, dtype=torch.long)
+
+        def correction(x: torch.Tensor, clean: Callable[[torch.Tensor], torch.Tensor]):
+            """(x0, J^T W (y - x0)) for the clean estimate x0 = clean(x)."""
             with torch.enable_grad():
-                x = sample.detach().requires_grad_(True)
-                x0 = policy.predict_x0(policy.call_net(x, t_b, cond), x, t_b)
-                (grad,) = torch.autograd.grad(0.5 * (W * (y - x0)).pow(2).sum(), x)  # -J^T W (y - x0)
-            x0 = x0.detach()
-            abar = alphas[int(t)]
-            guidance = min(max_guidance, float(1.0 / (1.0 - abar).clamp_min(1e-6)))
-            eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
-            eps = eps + (1 - abar).sqrt() * guidance * grad  # the score gains guidance * J^T W (y - x0)
-            x0 = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
-            if kind == "epsilon":
-                out = eps
-            elif kind == "sample":
-                out = x0
-            else:  # v_prediction
-                out = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-            sample = policy.sampler.step(out, t, sample, generator=generator).prev_sample
+                x = x.detach().requires_grad_(True)
+                x0 = clean(x)
+                (vjp,) = torch.autograd.grad(x0, x, grad_outputs=W * (y - x0.detach()))
+            return x0.detach(), vjp
+
+        if isinstance(policy, FlowPolicy):
+            T = policy.cfg.scheduler.num_train_timesteps
+
+            def guided_velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+                s = float(timestep) / T  # 1 noise, 0 clean: tau = 1 - s
+                out: dict[str, torch.Tensor] = {}
+
+                def clean(x: torch.Tensor) -> torch.Tensor:
+                    out["v"] = policy.call_net(x, timestep, cond)
+                    return x - s * out["v"]
+
+                _, vjp = correction(x, clean)
+                # this policy's velocity is noise - x0, the paper's is x0 - noise: the correction's sign flips
+                return out["v"].detach() - guidance_weight(1 - s, max_guidance) * vjp
+
+            sample = policy.integrate(sample, guided_velocity)
+        else:
+            kind = policy.cfg.scheduler.prediction_type
+            alphas = policy.noise_scheduler.alphas_cumprod.to(features.device, features.dtype)
+            policy.set_sampling_timesteps(features.device)
+            for t in policy.sampler.timesteps:
+                t_b = torch.full((B,), int(t), device=features.device, dtype=torch.long)
+
+                def clean(x: torch.Tensor, t_b: torch.Tensor = t_b) -> torch.Tensor:
+                    return policy.predict_x0(policy.call_net(x, t_b, cond), x, t_b)
+
+                x0, vjp = correction(sample, clean)
+                abar = alphas[int(t)]
+                tau = float(abar.sqrt() / (abar.sqrt() + (1 - abar).sqrt()))
+                on_score = guidance_weight(tau, max_guidance) * tau / (1 - tau)
+                eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
+                eps = eps - (1 - abar).sqrt() * on_score * vjp  # the score gains on_score * J^T W (y - x0)
+                x0 = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+                if kind == "epsilon":
+                    out = eps
+                elif kind == "sample":
+                    out = x0
+                else:  # v_prediction
+                    out = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+                sample = policy.sampler.step(out, t, sample, generator=generator).prev_sample
         chunk = policy.normalizer.unnormalize("action", sample)
         frozen = (weights >= 1.0).to(chunk.device).view(1, -1, 1)
         chunk = torch.where(frozen, target.to(chunk.dtype), chunk)
@@ -241,7 +311,14 @@ class AsyncChunkController(RecedingHorizonController):
                 ensembling with weights exp(-decay * i));
       rtc       asynchronous with real-time chunking: the request carries the previous chunk's actions for
                 the coming steps; the `delay` that will run during inference are frozen, the rest of the
-                overlap is a soft guidance target (`guided_chunk`), so consecutive chunks join smoothly.
+                overlap is a soft guidance target (`guided_chunk`, clip `max_guidance`), so consecutive
+                chunks join smoothly. At delay 0 nothing runs during inference, so nothing is frozen and
+                the chunk is not guided: rtc is then synchronous execution, action for action (Black et
+                al.'s soft mask would still pull the new chunk towards the old plan's tail, which only
+                delays the reaction to the newest observation; bench/notes/serving.md, issue 38).
+    Asynchronous modes keep one request in flight, as Black et al.'s d <= s <= H - d: a chunk arrives
+    before the next is requested (delay <= n_action_steps) and covers the steps until then
+    (n_action_steps + delay <= horizon - n_obs_steps + 1). sync takes any delay.
     `switch_steps` lists the steps at which a new chunk took over (for boundary-jerk statistics).
     """
 
@@ -253,18 +330,28 @@ class AsyncChunkController(RecedingHorizonController):
         n_action_steps: int | None = None,
         ensemble_decay: float = 0.1,
         generator: torch.Generator | None = None,
-        max_guidance: float = 1000.0,
+        max_guidance: float = RTC_MAX_GUIDANCE,
     ) -> None:
         if mode not in ASYNC_MODES:
             raise ValueError(f"mode {mode!r} is not one of {ASYNC_MODES}")
+        if int(delay) != delay or delay < 0:
+            raise ValueError(f"delay={delay} must be a whole number of control steps >= 0")
         super().__init__(policy, n_action_steps, mode == "ensemble", ensemble_decay, generator)
-        self.delay, self.mode, self.max_guidance = int(delay), mode, max_guidance
+        self.delay, self.mode = int(delay), mode
+        self.max_guidance = check_max_guidance(max_guidance)
         self.executable = policy.horizon - policy.n_obs_steps + 1
+        if mode != "sync" and self.delay > self.n_action_steps:
+            raise ValueError(
+                f"asynchronous execution keeps one request in flight: delay={self.delay} must be <= "
+                f"n_action_steps={self.n_action_steps} (a chunk must arrive before the next is requested)"
+            )
         if mode != "sync" and self.n_action_steps + self.delay > self.executable:
             raise ValueError(
                 f"asynchronous execution needs n_action_steps + delay <= {self.executable} (the chunk must "
                 f"cover the steps until the next one arrives); got {self.n_action_steps} + {self.delay}"
             )
+        if mode == "rtc":
+            check_rtc_policy(policy)
 
     def reset(self) -> None:
         super().reset()
@@ -276,8 +363,13 @@ class AsyncChunkController(RecedingHorizonController):
 
     def _request(self) -> np.ndarray:
         """A new chunk's executable part (N, L, Da) for the current step, guided in rtc mode."""
-        if self.mode != "rtc" or self.current is None:
+        if self.mode != "rtc" or self.current is None or self.delay == 0:
             return self._predict()
+        return self._guided()
+
+    def _guided(self) -> np.ndarray:
+        """The rtc request: a chunk guided to continue the current one (frozen for `delay` steps, then
+        Black et al.'s soft mask over the rest of the overlap)."""
         start, chunk = self.current
         offset = self.step - start
         overlap = chunk.shape[1] - offset  # steps of the current chunk still ahead
@@ -297,24 +389,31 @@ class AsyncChunkController(RecedingHorizonController):
         )
         return out[:, to:].float().cpu().numpy()
 
+    def _arrive(self) -> None:
+        """Install the pending chunk once its due step has come."""
+        if self.pending is None or self.step < self.pending[1]:
+            return
+        start, due, chunk = self.pending
+        self.pending = None
+        if self.mode == "sync":
+            start = due  # the robot waited: the chunk plays from its first action
+        self.current = (start, chunk)
+        self.last_chunk = chunk[:, self.step - start :]
+        self.ensembler.add(start, chunk)
+        self.switch_steps.append(self.step)
+
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         self._push(obs)
+        # a chunk due now arrives before the next request is issued (delay == n_action_steps), which in
+        # rtc mode must continue it
+        self._arrive()
         if self.step == self.next_request:
             chunk = self._request()
-            due = self.step + (
-                0 if self.current is None else self.delay
-            )  # episode start: nothing to wait for
+            # the episode's first chunk: nothing to wait for
+            due = self.step + (0 if self.current is None else self.delay)
             self.pending = (self.step, due, chunk)
             self.next_request = (due if self.mode == "sync" else self.step) + self.n_action_steps
-        if self.pending is not None and self.step >= self.pending[1]:
-            start, due, chunk = self.pending
-            self.pending = None
-            if self.mode == "sync":
-                start = due  # the robot waited: the chunk plays from its first action
-            self.current = (start, chunk)
-            self.last_chunk = chunk[:, self.step - start :]
-            self.ensembler.add(start, chunk)
-            self.switch_steps.append(self.step)
+            self._arrive()  # delay 0 and the episode's first chunk: usable at once
         if self.current is None or (self.mode == "sync" and self.pending is not None):
             action = self.last_action  # synchronous waiting: hold the last command
         elif self.temporal_ensemble:

@@ -143,12 +143,16 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int = 10) -> list[Pat
 
 def configure_inference(policy: torch.nn.Module, cfg: EvalConfig) -> None:
     """Apply eval.* inference settings (sampler, steps, spacing, precision, compile, noise scale) to a
-    policy; shared by evaluation and the policy server (`diffpolicy serve`)."""
-    if hasattr(policy, "set_sampler") and (cfg.sampler or cfg.num_inference_steps or cfg.timestep_spacing):
+    policy; shared by evaluation and the policy server (`diffpolicy serve`). None keeps the checkpoint's
+    own setting; anything else, 0 steps included, goes to the policy's `set_sampler`, which refuses what
+    it cannot sample with."""
+    sampler, steps, spacing = cfg.sampler, cfg.num_inference_steps, cfg.timestep_spacing
+    if hasattr(policy, "set_sampler") and (sampler, steps, spacing) != (None, None, None):
+        own = policy.cfg.scheduler
         policy.set_sampler(
-            cfg.sampler or policy.cfg.scheduler.sampler,
-            cfg.num_inference_steps or policy.cfg.scheduler.num_inference_steps,
-            cfg.timestep_spacing,
+            own.sampler if sampler is None else sampler,
+            own.num_inference_steps if steps is None else steps,
+            spacing,
         )
     if hasattr(policy, "set_fast_paths"):
         policy.set_fast_paths(cfg.precision, cfg.compile)

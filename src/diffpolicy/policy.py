@@ -13,6 +13,7 @@ diffusers' LCMScheduler with 1-3 steps. Nothing about the samplers is re-impleme
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -671,6 +672,17 @@ class FlowPolicy(DiffusionPolicy):
                 x = torch.where(cond_mask, cond_traj, x)
             return self._denoise_call(x, timestep, cond)
 
+        sample = self.integrate(sample, velocity)
+        if cond_mask is not None:
+            sample = torch.where(cond_mask, cond_traj, sample)
+        return sample
+
+    def integrate(
+        self, sample: torch.Tensor, velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Integrate dx/ds = velocity(x, s * num_train_timesteps) from s = 1 to 0 with the policy's sampler
+        (Euler or Heun), clipped to [-1, 1] with policy.scheduler.clip_sample: sampling and real-time
+        chunking's guided sampling (control.guided_chunk, which passes a guided velocity) share it."""
         self.set_sampling_timesteps(sample.device)
         sigmas, T = self.sampler.sigmas, self.cfg.scheduler.num_train_timesteps
         for i, t in enumerate(self.sampler.timesteps):
@@ -687,8 +699,6 @@ class FlowPolicy(DiffusionPolicy):
             if sigmas[i + 1] > 0:
                 sample_next = sample + ds * 0.5 * (v + velocity(sample_next, sigmas[i + 1] * T))
             sample = sample_next
-        if cond_mask is not None:
-            sample = torch.where(cond_mask, cond_traj, sample)
         clip = self.cfg.scheduler.clip_sample
         return sample.clamp(-1.0, 1.0) if clip else sample
 
