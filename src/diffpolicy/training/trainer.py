@@ -63,7 +63,7 @@ from diffpolicy.checkpoint import (
 from diffpolicy.collect import check_unseen_evaluation_seeds
 from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
 from diffpolicy.data.episodes import EpisodeStore
-from diffpolicy.data.formats import open_training_data
+from diffpolicy.data.formats import detect_format, open_training_data
 from diffpolicy.data.normalize import Normalizer
 from diffpolicy.data.sequence import SequenceDataset, split_store
 from diffpolicy.files import RunLock
@@ -336,6 +336,15 @@ class Trainer:
             save_yaml(self.cfg, config_file)
         return None if point is None else point[:2]
 
+    def _reads_minari(self) -> bool:
+        """Whether this run's data.path is a Minari dataset (True where that cannot be told)."""
+        if not self.cfg.data.path:
+            return False  # the run's own demos.zarr
+        try:
+            return detect_format(self.cfg.data.path) == "minari"
+        except (OSError, ValueError):
+            return True
+
     def _check_resume(self, path: Path, saved: RunConfig, step: int, finished: bool) -> None:
         """Refuse to resume the checkpoint at `path` (its stored config `saved`, at `step`) with a config
         that changes a key fixed for the run's life, shortens it below `step`, or reruns a finished run."""
@@ -350,6 +359,8 @@ class Trainer:
         diffs = [
             d for d in _config_diff(to_dict(saved), to_dict(self.cfg)) if not d.startswith(RESUMABLE_CHANGES)
         ]
+        if not self._reads_minari():  # data.flatten_obs shapes Minari imports only (its default changed
+            diffs = [d for d in diffs if not d.startswith("data.flatten_obs:")]  # in issue 38: no stranding)
         if diffs:
             raise ResumeMismatch(
                 f"{self.run_dir} already holds a run with a different configuration (checkpoint {path}): "
