@@ -233,6 +233,12 @@ def test_resume_reads_keys_added_since_the_run_began_as_defaults(tmp_path, traj_
     path = tmp_path / "run" / "config.yaml"
     saved = yaml.safe_load(path.read_text())
     del saved["policy"]["scheduler"]["timestep_spacing"]  # as in a config written before the field existed
+    # issue 38 changed data.flatten_obs's default; it shapes Minari imports only, so a run on other data that
+    # began before the change resumes (its checkpoint holds the old default)
+    ckpt_config = tmp_path / "run" / "checkpoints" / "latest" / "config.yaml"
+    meta = yaml.safe_load(ckpt_config.read_text())
+    meta["run"]["data"]["flatten_obs"] = ["observation", "desired_goal"]
+    ckpt_config.write_text(yaml.safe_dump(meta))
     path.write_text(yaml.safe_dump(saved))
     with pytest.raises(ResumeMismatch, match="policy.scheduler.timestep_spacing: 'leading' -> 'trailing'"):
         Trainer(make_cfg(traj_store, "policy.scheduler.timestep_spacing=trailing"), tmp_path / "run").fit()
