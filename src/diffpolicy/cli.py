@@ -438,8 +438,8 @@ def _print_summary(report: dict, out: Path) -> None:
         return
     if "paused_at_step" in report:
         print(
-            f"paused at step {report['paused_at_step']} (train.stop_at_step / train.max_minutes): "
-            f"checkpoint in {out.parent / 'checkpoints' / 'latest'}; run the same command again to resume"
+            f"paused at step {report['paused_at_step']} (train.stop_at_step / train.max_minutes): checkpoint "
+            f"in {out.parent / 'checkpoints' / 'latest'}; rerun with a higher limit (0: off) to resume"
         )
         return
     if report["n_episodes"] == 0:

@@ -815,7 +815,7 @@ class Trainer:
                     return done
                 log.info(
                     "paused at step %d of %d after %.1f training minutes (train.stop_at_step=%d, "
-                    "train.max_minutes=%g); run the same command again to resume",
+                    "train.max_minutes=%g); rerun with a higher limit (0: off) to resume",
                     done,
                     tc.num_steps,
                     self.elapsed_s() / 60,
