@@ -118,11 +118,15 @@ def _refuse_preset(args: argparse.Namespace, why: str) -> None:
         raise ConfigError(f"diffpolicy {args.command} takes no --preset: {why}")
 
 
-def _only_eval_overrides(command: str, overrides: list[str]) -> None:
-    """Only evaluation settings may be overridden: the policy is what the checkpoint says it is."""
-    bad = [o for o in overrides if not o.startswith("eval.")]
+def _only_eval_overrides(command: str, overrides: list[str], task_kwargs: bool = False) -> None:
+    """Only evaluation settings may be overridden: the policy is what the checkpoint says it is. With
+    `task_kwargs` (eval), task.kwargs.* may change the environment it is evaluated in (e.g. one group of
+    a collection mix, task.kwargs.n_objects=2, or a held-out condition)."""
+    allowed = ("eval.", "task.kwargs.") if task_kwargs else ("eval.",)
+    bad = [o for o in overrides if not o.startswith(allowed)]
     if bad:
-        raise ConfigError(f"diffpolicy {command} accepts only eval.* overrides, got {bad}")
+        what = "eval.* and task.kwargs.*" if task_kwargs else "eval.*"
+        raise ConfigError(f"diffpolicy {command} accepts only {what} overrides, got {bad}")
 
 
 def _checkpoint_folder_around(path: Path) -> Path | None:
@@ -191,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.training.trainer import resolve_device
 
     _refuse_preset(args, CHECKPOINT_CONFIG)
-    _only_eval_overrides("eval", args.overrides)
+    _only_eval_overrides("eval", args.overrides, task_kwargs=True)
     if args.remote and args.checkpoint:
         raise ConfigError("diffpolicy eval takes --checkpoint or --remote, not both")
     if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
@@ -562,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     no_preset(p)
-    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
+    p.add_argument("overrides", nargs="*", help="eval.* and task.kwargs.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve a checkpoint over gRPC to PolicyClient / eval --remote clients")
