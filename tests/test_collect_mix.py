@@ -186,3 +186,20 @@ def test_lerobot_dataset_reads_back_frame_exact_and_trains_two_cameras(tmp_path,
     assert sorted(policy.shape_meta["obs"]) == ["side", "state", "top"]
     assert policy.shape_meta["obs"]["top"]["shape"] == [3, *TOP] and action.shape == (1, 4, 2)
     assert saved.data.frame_stride == 3 and policy.frame_stride == 3
+
+
+def test_lerobot_output_needs_the_tasks_control_rate_and_checks_before_collecting(tmp_path, monkeypatch):
+    class NoRate(ToyGraspTask):
+        fps = None
+
+    calls = []
+
+    def make(name, **kwargs):
+        calls.append(kwargs)
+        return NoRate(**kwargs)
+
+    monkeypatch.setattr(collect_module, "make_task", make)
+    cfg = load_config(preset(tmp_path, SMALL_MIX))
+    with pytest.raises(ConfigError, match=r"declares no control rate \(Task.fps\)"):
+        collect_module.collect_lerobot(cfg, tmp_path / "out", progress=False)
+    assert calls == [{"n_objects": 1}] and not (tmp_path / "out").exists()  # refused before any episode

@@ -283,8 +283,10 @@ def collect_lerobot(
     target = Path(output)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists; pass --overwrite to replace it")
-    task = make_task(cfg.task.name, **cfg.task.kwargs) if cfg.task.name else None
-    if task is not None and not task.fps:
+    if not cfg.task.name:
+        raise ConfigError("collect needs a task (task.name): it runs the task's scripted expert")
+    task, _ = _group_task(cfg, 0, cfg.collect.mix[0] if cfg.collect.mix else MixGroup())
+    if not task.fps:
         raise ConfigError(
             f"task {cfg.task.name!r} declares no control rate (Task.fps), which a LeRobot dataset needs: "
             "collect an EpisodeStore (--format zarr) and convert it with `diffpolicy dataset convert --fps`"

@@ -282,7 +282,9 @@ def describe(
     if isinstance(records, list) and len(records) == len(lengths) and any("group" in r for r in records):
         from diffpolicy.collect import mix_summary
 
-        out["mix"] = mix_summary(records, lengths)
+        groups = mix_summary(records, lengths)
+        if len(groups) > 1 or (fmt == "episode_store" and store.attrs.get("mix")):
+            out["mix"] = groups
     out.update(
         n_episodes=int(len(lengths)),
         n_frames=int(lengths.sum()),

@@ -9,7 +9,9 @@ v3.0 layout (many episodes per file; what :func:`write_lerobot` writes)::
                                    per episode: episode_index, tasks, length, data/chunk_index,
                                    data/file_index, dataset_from_index, dataset_to_index,
                                    videos/<key>/{chunk_index,file_index,from_timestamp,to_timestamp},
-                                   meta/episodes/{chunk_index,file_index}, stats/<feature>/<stat>
+                                   meta/episodes/{chunk_index,file_index}, stats/<feature>/<stat>,
+                                   and diffpolicy/<field> (a collected store's per-episode records:
+                                   seed, group, task_kwargs; see EPISODE_RECORD)
     data/chunk-XXX/file-YYY.parquet  one row per frame: features + timestamp, frame_index,
                                    episode_index, index, task_index
     videos/<key>/chunk-XXX/file-YYY.mp4   a camera's frames of the episodes of one data file, back to back
