@@ -45,10 +45,30 @@ def cmd_collect(args: argparse.Namespace) -> int:
         overrides.append(f"collect.seed={args.seed}")
     if args.keep_failed:
         overrides.append("collect.keep_failed=true")
+    if args.format is not None:
+        overrides.append(f"collect.format={args.format}")
     cfg = load_config(args.preset, overrides)
-    out = args.out or cfg.collect.output or f"data/{cfg.task.name}.zarr"
-    store = collect(cfg, out, overwrite=args.overwrite)
-    print(f"wrote {store.n_episodes} episodes ({store.n_steps} steps) to {out}")
+    lerobot = cfg.collect.format == "lerobot"
+    out = args.out or cfg.collect.output or f"data/{cfg.task.name}{'' if lerobot else '.zarr'}"
+    if lerobot:
+        from diffpolicy.collect import collect_lerobot, kwargs_label, mix_summary
+        from diffpolicy.data.formats import describe
+
+        collect_lerobot(cfg, out, overwrite=args.overwrite)
+        info = describe(out)
+        print(
+            f"wrote {info['n_episodes']} episodes ({info['n_frames']} frames, {info['fps']:g} fps) to {out} "
+            "(LeRobot v3.0)"
+        )
+        groups = info.get("mix") or []
+    else:
+        from diffpolicy.collect import kwargs_label, mix_summary
+
+        store = collect(cfg, out, overwrite=args.overwrite)
+        print(f"wrote {store.n_episodes} episodes ({store.n_steps} steps) to {out}")
+        groups = mix_summary(store.attrs["episodes"], store.episode_lengths) if cfg.collect.mix else []
+    for g in groups if len(groups) > 1 else []:
+        print(f"  group {g['group']} ({kwargs_label(g['task_kwargs'])}): {g['n_episodes']} episodes")
     return 0
 
 
@@ -98,11 +118,15 @@ def _refuse_preset(args: argparse.Namespace, why: str) -> None:
         raise ConfigError(f"diffpolicy {args.command} takes no --preset: {why}")
 
 
-def _only_eval_overrides(command: str, overrides: list[str]) -> None:
-    """Only evaluation settings may be overridden: the policy is what the checkpoint says it is."""
-    bad = [o for o in overrides if not o.startswith("eval.")]
+def _only_eval_overrides(command: str, overrides: list[str], task_kwargs: bool = False) -> None:
+    """Only evaluation settings may be overridden: the policy is what the checkpoint says it is. With
+    `task_kwargs` (eval), task.kwargs.* may change the environment it is evaluated in (e.g. one group of
+    a collection mix, task.kwargs.n_objects=2, or a held-out condition)."""
+    allowed = ("eval.", "task.kwargs.") if task_kwargs else ("eval.",)
+    bad = [o for o in overrides if not o.startswith(allowed)]
     if bad:
-        raise ConfigError(f"diffpolicy {command} accepts only eval.* overrides, got {bad}")
+        what = "eval.* and task.kwargs.*" if task_kwargs else "eval.*"
+        raise ConfigError(f"diffpolicy {command} accepts only {what} overrides, got {bad}")
 
 
 def _checkpoint_folder_around(path: Path) -> Path | None:
@@ -171,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffpolicy.training.trainer import resolve_device
 
     _refuse_preset(args, CHECKPOINT_CONFIG)
-    _only_eval_overrides("eval", args.overrides)
+    _only_eval_overrides("eval", args.overrides, task_kwargs=True)
     if args.remote and args.checkpoint:
         raise ConfigError("diffpolicy eval takes --checkpoint or --remote, not both")
     if args.remote:  # the served policy; its sampler settings are the server's (diffpolicy serve ...)
@@ -357,6 +381,18 @@ def cmd_dataset_info(args: argparse.Namespace) -> int:
     print(f"  shape_meta (what training infers): {json.dumps(info['shape_meta'])}")
     if info.get("tasks"):
         print(f"  tasks ({len(info['tasks'])}): " + "; ".join(repr(t) for t in info["tasks"]))
+    if info.get("mix"):
+        from diffpolicy.collect import kwargs_label
+
+        fps = info["fps"]
+        print(f"  mix ({len(info['mix'])} groups):")
+        for g in info["mix"]:
+            mean_s = f", mean {g['frames'] / g['n_episodes'] / fps:.1f} s" if fps else ""
+            seeds = f", seeds {g['seed_range'][0]}..{g['seed_range'][1]}" if g.get("seed_range") else ""
+            print(
+                f"    group {g['group']} ({kwargs_label(g['task_kwargs'])}): {g['n_episodes']} episodes, "
+                f"{g['frames']} frames{mean_s}{seeds}" + (f" - {g['task']!r}" if g.get("task") else "")
+            )
     print(f"  stats{' (' + info['stats_source'] + ')' if 'stats_source' in info else ''}:")
     for key, stats in info["stats"].items():
         print(f"    {key}: {_format_stats(stats)}")
@@ -479,13 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     def no_preset(p: argparse.ArgumentParser) -> None:  # read only to explain the refusal (_refuse_preset)
         p.add_argument("--preset", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("collect", help="run a scripted expert into an EpisodeStore")
+    p = sub.add_parser("collect", help="run a scripted expert into an EpisodeStore or a LeRobot dataset")
     p.add_argument("--task", help="task name (overrides the preset's)")
-    p.add_argument("--episodes", type=int, help="number of episodes to keep")
+    p.add_argument("--episodes", type=int, help="number of episodes to keep (a collect.mix is scaled to it)")
     p.add_argument("--workers", type=int, help="parallel processes")
     p.add_argument("--seed", type=int, help="first collection seed")
     p.add_argument("--keep-failed", action="store_true", help="keep episodes the expert failed")
-    p.add_argument("--out", help="output store (.zarr folder)")
+    p.add_argument(
+        "--format",
+        choices=["zarr", "lerobot"],
+        help="EpisodeStore or LeRobot v3.0 folder (collect.format; default zarr)",
+    )
+    p.add_argument("--out", help="output: a .zarr store, or the LeRobot folder (default data/<task>[.zarr])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     with_preset(p)
     p.set_defaults(func=cmd_collect)
@@ -525,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     no_preset(p)
-    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.sampler=ddim")
+    p.add_argument("overrides", nargs="*", help="eval.* and task.kwargs.* overrides, e.g. eval.sampler=ddim")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve a checkpoint over gRPC to PolicyClient / eval --remote clients")

@@ -34,12 +34,57 @@ class TaskConfig:
 
 
 @dataclass
+class MixGroup:
+    """One group of a collection mix: `n_episodes` episodes of the task built with `task_kwargs` (over
+    task.kwargs), e.g. {n_episodes: 50, task_kwargs: {n_objects: 1}}."""
+
+    n_episodes: int = 1
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The LeRobot task string of this group's episodes; "" -> the task's own description()
+    description: str = ""
+
+
+@dataclass
 class CollectConfig:
-    n_episodes: int = 200
+    # Episodes to keep. null -> 200, or with a mix the mix's own counts; a number with a mix is the total,
+    # split in the mix's proportions (`--episodes 20` on a 50/50/100 mix collects 5/5/10)
+    n_episodes: int | None = None
     seed: int = 0  # episodes use seeds seed, seed+1, ...; evaluation seeds must not overlap
     n_workers: int = 1
     keep_failed: bool = False
     output: str = ""  # EpisodeStore path; "" -> <run_dir>/demos.zarr
+    # Groups of episodes with different task kwargs, collected one after the other on consecutive seeds
+    # (a group starts after the last seed the previous one tried, so no seed is shared); [] -> one group
+    # of n_episodes with task.kwargs. See collect.py.
+    mix: list[MixGroup] = field(default_factory=list)
+    # What `collect` writes: zarr (an EpisodeStore) | lerobot (a LeRobot v3.0 folder, fps = the task's)
+    format: str = "zarr"
+
+
+DEFAULT_COLLECT_EPISODES = 200  # collect.n_episodes=null without a mix
+
+
+def collect_counts(cc: CollectConfig) -> list[int]:
+    """Episodes to keep per group of the mix (one entry without a mix): the mix's own counts, or
+    cc.n_episodes split in the mix's proportions (largest remainders, at least one per group)."""
+    if not cc.mix:
+        return [DEFAULT_COLLECT_EPISODES if cc.n_episodes is None else cc.n_episodes]
+    own = [g.n_episodes for g in cc.mix]
+    if cc.n_episodes is None or cc.n_episodes == sum(own):
+        return own
+    total, wanted = sum(own), cc.n_episodes
+    if wanted < len(own):
+        raise ConfigError(
+            f"collect.n_episodes={wanted} (--episodes) cannot keep the {len(own)} groups of collect.mix "
+            f"(one episode each at least): ask for >= {len(own)}, or null for the mix's own {own}"
+        )
+    # every group keeps one episode, the rest is shared by largest remainder (Hamilton's method)
+    shares = [1 + (wanted - len(own)) * n / total for n in own]
+    counts = [int(x) for x in shares]
+    order = sorted(range(len(own)), key=lambda i: shares[i] - counts[i], reverse=True)
+    for i in order[: wanted - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 @dataclass
@@ -74,6 +119,12 @@ class DataConfig:
     # mask/valid), else random by val_ratio / split_seed; random always splits that way
     split: str = "auto"
     cache_in_memory: bool = True
+    # Temporal subsampling (e.g. 3 on a 30 fps recording: the policy sees and acts at 10 Hz): windows take
+    # every k-th frame for observations and actions. Every phase offset is kept (each episode acts as k
+    # sub-episodes, frames p, p+k, ...), so no frame is thrown away. The policy then acts at fps / k:
+    # evaluation holds each action for k control steps (tasks with absolute actions only), and a served
+    # policy's config tells its client (data/sequence.py, control.py)
+    frame_stride: int = 1
 
 
 @dataclass
@@ -365,6 +416,7 @@ OBJECTIVE_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": FLOW_SAMPLERS}
 DEFAULT_SAMPLING = {"ddpm": ("ddpm", 100), "flow": ("euler", 4)}
 
 _CHOICES = {
+    "collect.format": ("zarr", "lerobot"),
     "data.short_episodes": ("pad", "skip", "error"),
     "data.split": ("auto", "random"),
     "policy.type": ("diffusion", "mse_bc", "consistency"),
@@ -410,7 +462,8 @@ def _finite(v: Any) -> bool:
 # Numeric keys and the values a run can use (comparisons are False for NaN, so NaN is refused too).
 # None stays allowed where the field's default is None ("use the task's / policy's own value").
 _NUMERIC_RULES: tuple[tuple[str, Any, str], ...] = (
-    ("collect.n_episodes", _at_least_one, ">= 1"),
+    ("collect.n_episodes", _at_least_one, ">= 1 (or null: 200, or the mix's own counts)"),
+    ("data.frame_stride", _at_least_one, ">= 1"),
     ("collect.seed", _non_negative, ">= 0"),
     ("collect.n_workers", _at_least_one, ">= 1"),
     ("data.max_train_episodes", _at_least_one, ">= 1 (or null: all)"),
@@ -504,6 +557,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.data.image_size is not None and (len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 1):
         raise ConfigError(f"data.image_size must be [H, W] with positive sizes, got {cfg.data.image_size}")
+    _validate_mix(cfg.collect)
     p = cfg.policy
     if p.n_obs_steps < 1 or p.n_action_steps < 1:
         raise ConfigError("policy.n_obs_steps and policy.n_action_steps must be >= 1")
@@ -624,6 +678,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.noise_scale={cfg.eval.noise_scale!r} must be >= 0")
     if not 0.0 <= cfg.data.val_ratio < 1.0:
         raise ConfigError("data.val_ratio must be in [0, 1)")
+
+
+def _validate_mix(cc: CollectConfig) -> None:
+    """Refuse a collection mix that cannot mean what it says (naming the group)."""
+    seen: dict[str, int] = {}
+    for i, group in enumerate(cc.mix):
+        if group.n_episodes < 1:
+            raise ConfigError(f"collect.mix[{i}].n_episodes={group.n_episodes} must be >= 1")
+        key = repr(sorted(group.task_kwargs.items()))
+        if key in seen:
+            raise ConfigError(
+                f"collect.mix[{seen[key]}] and collect.mix[{i}] have the same task_kwargs "
+                f"{dict(group.task_kwargs)}: merge them into one group (n_episodes adds up)"
+            )
+        seen[key] = i
+    if cc.mix:
+        collect_counts(cc)  # refuses a total below the number of groups
 
 
 def _validate_vision(v: VisionConfig) -> None:

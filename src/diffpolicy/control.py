@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,27 @@ class TemporalEnsembler:
         return sum(w * c[:, t - s] for w, (s, c) in zip(weights, covering, strict=True))
 
 
+def check_frame_stride(task: Any, frame_stride: int) -> None:
+    """Refuse, naming the reason, to run a policy trained with data.frame_stride > 1 in a task whose actions
+    are not absolute targets (Task.absolute_actions): holding a velocity or a delta for k control steps
+    would move k times as far as the demonstrations did."""
+    if frame_stride > 1 and not getattr(task, "absolute_actions", False):
+        raise ValueError(
+            f"the policy was trained with data.frame_stride={frame_stride}: it acts every {frame_stride} "
+            f"control steps and the controller holds each action that long, which only fits absolute "
+            f"actions (targets), and task {getattr(task, 'name', task)!r} does not declare them "
+            "(Task.absolute_actions): train it with data.frame_stride=1"
+        )
+
+
 class RecedingHorizonController:
-    """Feeds a batch of N environments: `act(obs)` takes {key: (N, ...)} numpy obs, returns (N, Da)."""
+    """Feeds a batch of N environments: `act(obs)` takes {key: (N, ...)} numpy obs, returns (N, Da).
+
+    With a frame stride k (the policy's `frame_stride`, its run's data.frame_stride) the policy runs at
+    the environment's rate / k: `act` passes every k-th observation to the policy (so its observation
+    window is k control steps apart, as in training) and holds each of its actions for k control steps.
+    `step` counts policy steps, `env_step` control steps.
+    """
 
     def __init__(
         self,
@@ -61,8 +81,12 @@ class RecedingHorizonController:
         temporal_ensemble: bool = False,
         ensemble_decay: float = 0.1,
         generator: torch.Generator | None = None,
+        frame_stride: int | None = None,
     ) -> None:
         self.policy = policy
+        self.frame_stride = int(getattr(policy, "frame_stride", 1) if frame_stride is None else frame_stride)
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride={self.frame_stride} must be >= 1")
         self.obs_meta = policy.shape_meta["obs"]
         self.n_obs_steps = policy.n_obs_steps
         self.n_action_steps = policy.n_action_steps if n_action_steps is None else int(n_action_steps)
@@ -82,6 +106,8 @@ class RecedingHorizonController:
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)
         self.ensembler.reset()
         self.step = 0
+        self.env_step = 0
+        self.held: np.ndarray | None = None  # the action held between policy steps (frame_stride > 1)
         self.last_chunk: np.ndarray | None = None  # newest chunk's executable part, (N, L, Da)
 
     def _push(self, obs: dict[str, np.ndarray]) -> None:
@@ -135,6 +161,14 @@ class RecedingHorizonController:
         return out["action_pred"][:, start:].float().cpu().numpy()
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The action for this control step: a new policy step every frame_stride control steps, else the
+        action held since the last one."""
+        if self.env_step % self.frame_stride == 0:
+            self.held = self._policy_step(obs)
+        self.env_step += 1
+        return self.held
+
+    def _policy_step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         self._push(obs)
         if self.step % self.n_action_steps == 0:
             self.last_chunk = self._predict()
@@ -402,7 +436,7 @@ class AsyncChunkController(RecedingHorizonController):
         self.ensembler.add(start, chunk)
         self.switch_steps.append(self.step)
 
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+    def _policy_step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         self._push(obs)
         # a chunk due now arrives before the next request is issued (delay == n_action_steps), which in
         # rtc mode must continue it

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffpolicy.collect import collect
-from diffpolicy.config import load_config
+from diffpolicy.config import collect_counts, load_config
 from diffpolicy.data.episodes import EpisodeStore, EpisodeStoreError
 from diffpolicy.training.trainer import RunFinished, Trainer
 
@@ -70,7 +70,7 @@ def run_demo(
     t0 = time.perf_counter()
     try:
         store = EpisodeStore.open(demos)
-        if store.n_episodes < base.collect.n_episodes:
+        if store.n_episodes < sum(collect_counts(base.collect)):
             raise EpisodeStoreError("incomplete")
     except (FileNotFoundError, EpisodeStoreError):
         if demos.exists():  # an interrupted collection of our own: start it again

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from diffpolicy.config import EvalConfig
-from diffpolicy.control import RecedingHorizonController
+from diffpolicy.control import RecedingHorizonController, check_frame_stride
 from diffpolicy.interrupt import stop_requested
 from diffpolicy.tasks.base import Rollout, Task
 
@@ -53,6 +53,7 @@ def run_rollouts(
     On `interrupt.stop_requested()` it returns the episodes finished so far (fewer than n_episodes)."""
     max_steps = cfg.max_steps or task.max_episode_steps
     n_envs = max(1, min(cfg.n_envs, n_episodes))
+    check_frame_stride(task, controller.frame_stride if controller else getattr(policy, "frame_stride", 1))
     if controller is None:
         generator = torch.Generator(device=policy.device).manual_seed(first_seed)
         controller = RecedingHorizonController(
@@ -210,6 +211,8 @@ def evaluate(
         "precision": getattr(policy, "precision", "fp32"),
         "compile": getattr(policy, "compile_mode", None),
         "n_action_steps": controller_steps(policy, cfg),
+        # control steps per policy step (data.frame_stride): each action was held this many steps
+        "frame_stride": int(getattr(policy, "frame_stride", 1)),
         "temporal_ensemble": cfg.temporal_ensemble,
         # the blend's weighting changes results a lot (BENCHMARKS), so a report names it
         "ensemble_decay": cfg.ensemble_decay if cfg.temporal_ensemble else None,

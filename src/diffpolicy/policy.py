@@ -180,6 +180,10 @@ class BasePolicy(nn.Module):
         self.action_dim = int(shape_meta["action"]["shape"][0])
         self.horizon = cfg.horizon
         self.n_obs_steps = cfg.n_obs_steps
+        # Control steps per policy step (data.frame_stride of the run): a policy trained on every k-th frame
+        # acts at the data's rate / k, and controllers hold each of its actions for k steps. Set by the
+        # trainer and load_policy from the run's config (not a weight).
+        self.frame_stride = 1
         self.n_action_steps = cfg.n_action_steps
         self.normalizer = Normalizer(normalizer_spec(shape_meta, cfg.normalization))
         self.obs_encoder = ObsEncoder(shape_meta["obs"], cfg.vision)
@@ -893,4 +897,5 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[B
     policy_cfg = replace(run_cfg.policy, vision=replace(run_cfg.policy.vision, pretrained_weights=None))
     policy = cls(policy_cfg, meta["shape_meta"])
     load_weights(policy, path)
+    policy.frame_stride = run_cfg.data.frame_stride
     return policy.to(device).eval(), run_cfg

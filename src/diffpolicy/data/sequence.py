@@ -20,9 +20,19 @@ the episode's end, i.e. current steps ``t = 0 .. L - H + To - 1 + pad_after``. T
 marks them in ``action_is_pad`` so that the policy's loss skips them (LeRobot's
 ``do_mask_loss_for_padding``).
 
-Short episodes (``L < H``): the one rule for every dataset format is ``short_episodes``:
-``"pad"`` (default) keeps them with the windows above, and at least the one at ``t = 0`` (padded at
-both ends; the original gives an episode shorter than ``H - pad_before - pad_after`` no window at all);
+Temporal subsampling (``frame_stride = k``, ``data.frame_stride``; e.g. 3 on a 30 fps recording): a window
+takes every k-th frame, observations at ``t-(To-1)k, ..., t-k, t`` and actions at ``t-(To-1)k, ...,
+t-(To-1)k+(H-1)k``, so the policy sees and predicts at ``fps / k``. Every phase offset is kept: an episode of
+length ``L`` acts as ``k`` sub-episodes (phase ``p`` = frames ``p, p+k, p+2k, ...``, ``ceil((L-p)/k)`` of
+them), and each sub-episode gets the windows, edge padding and short-episode rule above in its own frames.
+So all frames remain in use (k times the windows of one phase, of k-fold shorter episodes) and no window mixes
+phases; a split keeps all of an episode's sub-episodes on one side (it splits store episodes). The policy
+then acts at ``fps / k``: the controller holds each action for ``k`` control steps (control.py).
+
+Short episodes (``L < H``; with a frame stride, ``ceil(L / k) < H``): the one rule for every dataset format
+is ``short_episodes``: ``"pad"`` (default) keeps them with the windows above, and at least the one at
+``t = 0`` (padded at both ends; the original gives an episode shorter than ``H - pad_before - pad_after``
+no window at all);
 ``"skip"`` drops them; ``"error"`` refuses the dataset. Either way the log says how many there were.
 """
 
@@ -117,6 +127,7 @@ def split_store(
     *,
     horizon: int | None = None,
     short_episodes: str = "pad",
+    frame_stride: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Sorted ``(train_ids, val_ids)`` of the episodes of ``store``, and a line saying which rule made them.
 
@@ -135,7 +146,7 @@ def split_store(
     usable = np.arange(n, dtype=np.int64)
     skipped = ""
     if horizon is not None and short_episodes != "pad":
-        usable, note = apply_short_rule(store, usable, horizon, short_episodes)
+        usable, note = apply_short_rule(store, usable, horizon, short_episodes, frame_stride)
         skipped = f"; {note}" if note else ""
     source = store.attrs.get("source") or {}
     splits = source.get("splits") or {} if isinstance(source, dict) else {}
@@ -176,15 +187,16 @@ def _store_name(store: EpisodeStore) -> str:
 
 
 def apply_short_rule(
-    store: EpisodeStore, ids: np.ndarray, horizon: int, mode: str
+    store: EpisodeStore, ids: np.ndarray, horizon: int, mode: str, frame_stride: int = 1
 ) -> tuple[np.ndarray, str | None]:
     """Episodes ``ids`` of ``store`` after the short-episode rule (``mode`` in :data:`SHORT_EPISODES`, see
     the module docstring), and a line saying what was done (None when no episode is shorter than
     ``horizon``). ``"error"``, or ``"skip"`` with every episode short, raises a ValueError naming the store.
+    With ``frame_stride`` k an episode's length counts in subsampled steps, ``ceil(L / k)``.
     """
     if mode not in SHORT_EPISODES:
         raise ValueError(f"short_episodes must be one of {SHORT_EPISODES}, got {mode!r}")
-    lengths = store.episode_lengths[ids]
+    lengths = -(-store.episode_lengths[ids] // frame_stride)
     short = lengths < horizon
     n_short = int(short.sum())
     if not n_short:
@@ -192,9 +204,10 @@ def apply_short_rule(
     listed = ", ".join(
         f"{int(i)} ({int(n)} steps)" for i, n in zip(ids[short][:5], lengths[short][:5], strict=True)
     )
+    strided = f" at data.frame_stride={frame_stride}" if frame_stride > 1 else ""
     what = (
         f"episode store {_store_name(store)}: {n_short} of the {len(ids)} episode(s) used are shorter than "
-        f"policy.horizon={horizon}: {listed}{' ...' if n_short > 5 else ''}"
+        f"policy.horizon={horizon}{strided}: {listed}{' ...' if n_short > 5 else ''}"
     )
     if mode == "error":
         raise ValueError(
@@ -241,11 +254,13 @@ class SequenceDataset(Dataset):
         cache_in_memory: bool = True,
         short_episodes: str = "pad",
         mask_padded_actions: bool = False,
+        frame_stride: int = 1,
     ):
         for name, value in (
             ("horizon", horizon),
             ("n_obs_steps", n_obs_steps),
             ("n_action_steps", n_action_steps),
+            ("frame_stride", frame_stride),
         ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -270,6 +285,7 @@ class SequenceDataset(Dataset):
         self.cache_in_memory = bool(cache_in_memory)
         self.short_episodes = short_episodes
         self.mask_padded_actions = bool(mask_padded_actions)
+        self.frame_stride = int(frame_stride)
 
         if isinstance(store, EpisodeStore):
             self._store: EpisodeStore | None = store
@@ -293,7 +309,7 @@ class SequenceDataset(Dataset):
             if episodes is None
             else self._check_episode_ids(episodes, n_total)
         )
-        ids, note = apply_short_rule(self._store, ids, self.horizon, self.short_episodes)
+        ids, note = apply_short_rule(self._store, ids, self.horizon, self.short_episodes, self.frame_stride)
         if note:
             log.warning("%s", note)
         self._episode_ids = ids
@@ -302,11 +318,21 @@ class SequenceDataset(Dataset):
         self._ep_starts = np.where(ids > 0, all_ends[np.maximum(ids - 1, 0)], 0).astype(np.int64)
         self._ep_lengths = self._ep_stops - self._ep_starts
 
-        # Sample index: (local episode position, current step t), t = 0 .. L - H + To - 1 + pad_after
-        # (the original's window starts -pad_before .. L - H + pad_after); at least t = 0 per episode.
-        last_t = self._ep_lengths - self.horizon + self.n_obs_steps - 1 + self.pad_after
+        # Sub-episodes (one per episode, or with frame_stride k one per phase p < min(k, L): frames p, p+k,
+        # ...): the episode position, phase and length (in subsampled steps) of each.
+        k = self.frame_stride
+        phases = np.minimum(k, self._ep_lengths)
+        self._sub_ep = np.repeat(np.arange(len(ids), dtype=np.int64), phases)
+        self._sub_phase = np.arange(int(phases.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(phases) - phases, phases
+        )
+        self._sub_lengths = (self._ep_lengths[self._sub_ep] - self._sub_phase + k - 1) // k
+
+        # Sample index: (sub-episode, current step t in it), t = 0 .. L - H + To - 1 + pad_after
+        # (the original's window starts -pad_before .. L - H + pad_after); at least t = 0 per sub-episode.
+        last_t = self._sub_lengths - self.horizon + self.n_obs_steps - 1 + self.pad_after
         counts = np.maximum(last_t, 0) + 1
-        self._sample_ep = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
+        self._sample_sub = np.repeat(np.arange(len(self._sub_ep), dtype=np.int64), counts)
         offsets = np.cumsum(counts) - counts
         self._sample_t = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(offsets, counts)
 
@@ -467,9 +493,16 @@ class SequenceDataset(Dataset):
         return self._get_store()
 
     def sample_location(self, index: int) -> tuple[int, int]:
-        """``(episode_id, t)`` of sample ``index``: the store episode and the current step in it."""
+        """``(episode_id, t)`` of sample ``index``: the store episode and the current step (frame) in it."""
         i = self._check_index(index)
-        return int(self._episode_ids[self._sample_ep[i]]), int(self._sample_t[i])
+        sub = self._sample_sub[i]
+        t = int(self._sub_phase[sub]) + self.frame_stride * int(self._sample_t[i])
+        return int(self._episode_ids[self._sub_ep[sub]]), t
+
+    def _sub_rows(self, sub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(length in subsampled steps, row of its first frame) of sub-episodes ``sub`` in the sample
+        source (the cache or the store); step j of one is row ``first + frame_stride * j``."""
+        return self._sub_lengths[sub], self._bases[self._sub_ep[sub]] + self._sub_phase[sub]
 
     def _check_index(self, index: int) -> int:
         n = len(self)
@@ -483,20 +516,19 @@ class SequenceDataset(Dataset):
         if not isinstance(index, (int, np.integer)):
             return self.get_batch(index)
         i = self._check_index(index)
-        ep = int(self._sample_ep[i])
         t = int(self._sample_t[i])
-        length = int(self._ep_lengths[ep])
-        base = int(self._bases[ep])
+        length, base = (int(x) for x in self._sub_rows(self._sample_sub[i]))
         first = t - self.n_obs_steps + 1
+        k = self.frame_stride
 
         obs_steps = np.clip(np.arange(first, t + 1), 0, length - 1)
         obs: dict[str, torch.Tensor] = {}
         for key, obs_type in self.obs_types.items():
-            frames = self._read_rows(key, obs_steps, base)
+            frames = self._read_rows(key, k * obs_steps, base)
             obs[key] = torch.from_numpy(np.ascontiguousarray(prepare_obs(frames, obs_type)))
 
         raw_steps = np.arange(first, first + self.horizon)
-        actions = self._read_rows(self.action_key, np.clip(raw_steps, 0, length - 1), base)
+        actions = self._read_rows(self.action_key, k * np.clip(raw_steps, 0, length - 1), base)
         return self._item(obs, actions, raw_steps, length)
 
     def _item(
@@ -526,16 +558,16 @@ class SequenceDataset(Dataset):
             from torch.utils.data import default_collate
 
             return default_collate([self[int(i)] for i in idx])
-        ep = self._sample_ep[idx]
-        length, base = self._ep_lengths[ep][:, None], self._bases[ep][:, None]
+        length, base = (x[:, None] for x in self._sub_rows(self._sample_sub[idx]))
+        k = self.frame_stride
         first = self._sample_t[idx][:, None] - self.n_obs_steps + 1
-        obs_rows = base + np.clip(first + np.arange(self.n_obs_steps), 0, length - 1)  # (B, To)
+        obs_rows = base + k * np.clip(first + np.arange(self.n_obs_steps), 0, length - 1)  # (B, To)
         obs = {
             key: torch.from_numpy(np.ascontiguousarray(prepare_obs(self._cache[key][obs_rows], obs_type)))
             for key, obs_type in self.obs_types.items()
         }
         raw_steps = first + np.arange(self.horizon)  # (B, H)
-        actions = self._cache[self.action_key][base + np.clip(raw_steps, 0, length - 1)]
+        actions = self._cache[self.action_key][base + k * np.clip(raw_steps, 0, length - 1)]
         return self._item(obs, actions, raw_steps, length)
 
     def get_normalizer_data(self) -> dict[str, np.ndarray]:
@@ -562,6 +594,7 @@ class SequenceDataset(Dataset):
             f"SequenceDataset(n_samples={len(self)}, n_episodes={self.n_episodes}, horizon={self.horizon}, "
             f"n_obs_steps={self.n_obs_steps}, n_action_steps={self.n_action_steps}, "
             f"pad_after={self.pad_after}, short_episodes={self.short_episodes!r}, "
-            f"mask_padded_actions={self.mask_padded_actions}, obs={self.obs_types}, "
+            f"mask_padded_actions={self.mask_padded_actions}, frame_stride={self.frame_stride}, "
+            f"obs={self.obs_types}, "
             f"cached={self.cache_in_memory})"
         )

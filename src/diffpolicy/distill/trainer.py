@@ -46,6 +46,7 @@ class DistillTrainer(Trainer):
     def _make_policy(self) -> ConsistencyPolicy:
         teacher = self._load_teacher()
         student = ConsistencyPolicy(self.cfg.policy, self.shape_meta)
+        student.frame_stride = self.cfg.data.frame_stride  # the teacher's run's, as its windows were
         try:  # the teacher's networks and fitted normalizer
             missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         except RuntimeError as e:

@@ -107,6 +107,7 @@ class RemotePolicy:
         self.action_dim = int(info["action_dim"])
         self.sampler_name = info.get("sampler")
         self.num_inference_steps = info.get("num_inference_steps")
+        self.frame_stride = int(info.get("frame_stride", 1))  # a server from before strides: 1
         self.device = torch.device("cpu")
         self.latencies: list[dict[str, float]] = []
         self._generator: torch.Generator | None = None

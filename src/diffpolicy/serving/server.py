@@ -262,6 +262,8 @@ class PolicyServer:
             "action_dim": p.action_dim,
             "sampler": getattr(p, "sampler_name", None),
             "num_inference_steps": getattr(p, "num_inference_steps", None),
+            # the policy acts every frame_stride control steps (data.frame_stride): hold each action so long
+            "frame_stride": int(getattr(p, "frame_stride", 1)),
             "run": self.run_config,
         }
 

@@ -350,6 +350,9 @@ class AlohaTransferCubeTask(Task):
 
     name = "aloha_transfer_cube"
     max_episode_steps = MAX_EPISODE_STEPS
+    fps = 50.0
+    absolute_actions = True  # joint-position targets
+    robot_type = "aloha"
 
     def __init__(
         self,

@@ -54,6 +54,22 @@ class Task:
 
     name: str = ""
     max_episode_steps: int = 0
+    # Control steps per second: the rate of the recorded frames (a LeRobot dataset's fps) and of the actions.
+    # None: the task does not say (`diffpolicy collect --format lerobot` then refuses, naming it).
+    fps: float | None = None
+    # True when an action is an absolute target (a position, joint angles) that the robot may keep
+    # tracking for several control steps. Only such tasks can run a policy trained on a subsampled dataset
+    # (data.frame_stride > 1): the controller holds each action for frame_stride steps, which would move
+    # k times as far with relative actions (velocities, deltas), so evaluation refuses those.
+    absolute_actions: bool = False
+    # LeRobot's robot_type for datasets of this task (e.g. "so101_follower"); None when it has no robot.
+    robot_type: str | None = None
+
+    def description(self) -> str:
+        """One sentence saying what an episode of this task (as configured) does: the LeRobot task string
+        of its recorded episodes (e.g. "grasp 2 objects and place them in the container"). Tasks whose
+        constructor arguments change the goal should say so; the default is the task's name."""
+        return self.name
 
     def shape_meta(self) -> dict[str, Any]:
         """{"obs": {key: {"shape": [...], "type": "low_dim" | "rgb"}}, "action": {"shape": [Da]}}."""

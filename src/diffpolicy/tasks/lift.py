@@ -325,6 +325,7 @@ class LiftTask(Task):
 
     name = "lift"
     max_episode_steps = MAX_EPISODE_STEPS
+    fps = float(CONTROL_FREQ)  # actions are OSC deltas: absolute_actions stays False
 
     def __init__(
         self,

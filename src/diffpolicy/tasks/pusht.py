@@ -609,6 +609,8 @@ class PushTTask(Task):
 
     name = "pusht"
     max_episode_steps = MAX_EPISODE_STEPS
+    fps = 10.0
+    absolute_actions = True  # the agent's target position
     vector_mode = "async"  # an env step costs ~0.3 ms (state) to ~3 ms (image): worth a process each
 
     def __init__(self, obs_type: str = "state", render_size: int = 256) -> None:
@@ -616,6 +618,9 @@ class PushTTask(Task):
             raise ValueError(f"unknown obs_type '{obs_type}'; expected 'state' or 'image'")
         self.obs_type = obs_type
         self.render_size = render_size
+
+    def description(self) -> str:
+        return "Push the T onto the goal"
 
     def shape_meta(self) -> dict[str, Any]:
         if self.obs_type == "state":

@@ -184,9 +184,7 @@ def record_pusht(
         if fmt == "lerobot" and kept:
             from diffpolicy.data.formats.lerobot import write_lerobot
 
-            write_lerobot(
-                store, out, fps=fps, task="Push the T onto the goal", overwrite=overwrite, progress=False
-            )
+            write_lerobot(store, out, fps=fps, task=task.description(), overwrite=overwrite, progress=False)
         return kept
 
     if fmt == "lerobot":  # write_lerobot puts the folder in place atomically

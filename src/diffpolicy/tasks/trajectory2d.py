@@ -158,6 +158,8 @@ class FigureEightExpert:
 
 class Trajectory2DTask(Task):
     name = "trajectory2d"
+    fps = 10.0  # nominal (the render rate): a toy without physical time
+    absolute_actions = True  # the commanded position
 
     def __init__(self, max_steps: int = 150, start_radius: float = 0.1, max_speed: float = 0.12) -> None:
         self.max_episode_steps = max_steps

@@ -62,6 +62,7 @@ from diffpolicy.checkpoint import (
 )
 from diffpolicy.collect import check_unseen_evaluation_seeds
 from diffpolicy.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
+from diffpolicy.control import check_frame_stride
 from diffpolicy.data.episodes import EpisodeStore
 from diffpolicy.data.formats import detect_format, open_training_data
 from diffpolicy.data.normalize import Normalizer
@@ -161,6 +162,7 @@ def make_dataset(
         cache_in_memory=cfg.data.cache_in_memory,
         short_episodes=cfg.data.short_episodes,
         mask_padded_actions=cfg.data.mask_padded_actions,
+        frame_stride=cfg.data.frame_stride,
     )
 
 
@@ -245,6 +247,13 @@ class Trainer:
                 "task.name is empty (no simulator), so there is nothing to evaluate in closed loop: "
                 "set train.eval_every=0 and eval.n_episodes=0"
             )
+        if self.task is not None and (cfg.train.eval_every or cfg.eval.n_episodes):
+            try:
+                check_frame_stride(self.task, cfg.data.frame_stride)  # before training, not after it
+            except ValueError as e:
+                raise ConfigError(
+                    f"{e}, or evaluate nothing (train.eval_every=0 eval.n_episodes=0)"
+                ) from None
         self.resume = resume
         self.overwrite = overwrite
         # torchrun sets these; a plain launch is rank 0 of 1
@@ -433,8 +442,23 @@ class Trainer:
             cfg.data.split,
             horizon=cfg.policy.horizon,
             short_episodes=cfg.data.short_episodes,
+            frame_stride=cfg.data.frame_stride,
         )
         log.info("data %s: %s", path, split_note)
+        k = cfg.data.frame_stride
+        if k > 1:
+            fps = store.attrs.get("fps") or (self.task.fps if self.task is not None else None)
+            rate = f"{fps:g} fps / {k} = {fps / k:g} Hz" if fps else ""
+            log.info(
+                "data.frame_stride=%d: windows take every %d-th frame (all %d phases kept); the policy acts "
+                "at the dataset's rate / %d%s, holding each action %d control steps",
+                cfg.data.frame_stride,
+                cfg.data.frame_stride,
+                cfg.data.frame_stride,
+                cfg.data.frame_stride,
+                f" ({rate})" if rate else "",
+                cfg.data.frame_stride,
+            )
         self.train_set = make_dataset(cfg, store, self.shape_meta, train_ids)
         self.val_set = make_dataset(cfg, store, self.shape_meta, val_ids) if len(val_ids) else None
         log.info(
@@ -450,6 +474,7 @@ class Trainer:
         """The policy to train, with its normalizer fitted on the training set (once, on rank 0)."""
         cfg = self.cfg
         policy = make_policy(cfg.policy, self.shape_meta)
+        policy.frame_stride = cfg.data.frame_stride  # the controller holds each action this many steps
         modes = {
             k: mode for k, (mode, _) in normalizer_spec(self.shape_meta, cfg.policy.normalization).items()
         }

@@ -239,8 +239,9 @@ def describe(
     path: str | os.PathLike, flatten_obs: Sequence[str] | None = DEFAULT_FLATTEN, progress: bool = False
 ) -> dict[str, Any]:
     """What ``diffpolicy dataset info`` prints: format, episodes, frames, fps, keys with shapes, shape_meta,
-    the task strings (LeRobot) and per-key stats of the low-dim keys (the dataset's own stats when it ships
-    them, else computed)."""
+    the task strings (LeRobot), the groups of a collection mix (``mix``: per group its task_kwargs, task
+    string, episodes, frames, seed range; from the per-episode records `collect` keeps) and per-key stats
+    of the low-dim keys (the dataset's own stats when it ships them, else computed)."""
     fmt = detect_format(path)
     out: dict[str, Any] = {"path": str(path), "format": fmt}
     if fmt == "episode_store":
@@ -277,6 +278,13 @@ def describe(
                 for k, v in episode.items():
                     columns.setdefault(k, []).append(v)
             out["stats"] = {k: _summary_stats(np.concatenate(v)) for k, v in columns.items()}
+    records = store.attrs.get("episodes") if fmt == "episode_store" else ds.attrs.get("episodes")
+    if isinstance(records, list) and len(records) == len(lengths) and any("group" in r for r in records):
+        from diffpolicy.collect import mix_summary
+
+        groups = mix_summary(records, lengths)
+        if len(groups) > 1 or (fmt == "episode_store" and store.attrs.get("mix")):
+            out["mix"] = groups
     out.update(
         n_episodes=int(len(lengths)),
         n_frames=int(lengths.sum()),

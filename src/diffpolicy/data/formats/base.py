@@ -138,7 +138,8 @@ def import_dataset(
     ``image_size`` ([H, W]) resizes every camera once, at import (e.g. 480x640 recordings to 96x128, so
     that the store and training fit in memory); a deployed policy must see frames resized the same way.
     The store's attrs record the source (path, format, fps, original key names), ``shape_meta`` and
-    ``image_size``.
+    ``image_size``; the dataset's per-episode records (``attrs["episodes"]``), when it has them, become the
+    store's (and their seeds its ``seeds``).
     """
     target = Path(dst)
     shape_meta = json.loads(json.dumps(dataset.shape_meta))
@@ -173,19 +174,27 @@ def import_dataset(
             raise FormatError(
                 dataset.path, f"metadata lists {dataset.n_episodes} episodes but {store.n_episodes} were read"
             )
+        source = {k: v for k, v in dataset.attrs.items() if k != "episodes"}
         store.attrs.update(
             {
                 "source": {
                     "path": str(dataset.path.resolve()),
                     "format": dataset.format,
                     "names": dataset.source_names,
-                    **dataset.attrs,
+                    **source,
                 },
                 "fps": dataset.fps,
                 "shape_meta": shape_meta,
                 "image_size": list(image_size) if image_size is not None else None,
             }
         )
+        # Per-episode records (a LeRobot dataset written by `collect`: seed, group, task_kwargs) stay
+        # per-episode records, and their seeds the store's seeds, which train / eval check against.
+        records = dataset.attrs.get("episodes")
+        if isinstance(records, list) and len(records) == store.n_episodes:
+            store.attrs["episodes"] = records
+            if all(isinstance(r.get("seed"), int) for r in records):
+                store.attrs["seeds"] = [r["seed"] for r in records]
     return EpisodeStore.open(target)
 
 

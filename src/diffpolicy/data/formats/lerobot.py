@@ -9,7 +9,9 @@ v3.0 layout (many episodes per file; what :func:`write_lerobot` writes)::
                                    per episode: episode_index, tasks, length, data/chunk_index,
                                    data/file_index, dataset_from_index, dataset_to_index,
                                    videos/<key>/{chunk_index,file_index,from_timestamp,to_timestamp},
-                                   meta/episodes/{chunk_index,file_index}, stats/<feature>/<stat>
+                                   meta/episodes/{chunk_index,file_index}, stats/<feature>/<stat>,
+                                   and diffpolicy/<field> (a collected store's per-episode records:
+                                   seed, group, task_kwargs; see EPISODE_RECORD)
     data/chunk-XXX/file-YYY.parquet  one row per frame: features + timestamp, frame_index,
                                    episode_index, index, task_index
     videos/<key>/chunk-XXX/file-YYY.mp4   a camera's frames of the episodes of one data file, back to back
@@ -53,6 +55,7 @@ export with lerobot's own code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -86,6 +89,37 @@ DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+# Prefix of the meta/episodes columns that keep an EpisodeStore's per-episode records (attrs["episodes"],
+# written by `collect`: seed, group, task_kwargs): whole numbers as int64 columns, anything else as JSON
+# strings. LeRobot's loader ignores columns it does not know.
+EPISODE_RECORD = "diffpolicy/"
+
+
+def _decode_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The diffpolicy/* columns of a meta/episodes row as the record they were written from."""
+    out = {}
+    if row.get("tasks") and len(row["tasks"]) == 1 and any(c.startswith(EPISODE_RECORD) for c in row):
+        out["task"] = str(row["tasks"][0])  # as collect's records name it
+    for column, value in row.items():
+        if not column.startswith(EPISODE_RECORD):
+            continue
+        if isinstance(value, str):
+            with contextlib.suppress(json.JSONDecodeError):  # a plain string column stays a string
+                value = json.loads(value)
+        out[column[len(EPISODE_RECORD) :]] = value
+    return out
+
+
+def _record_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-episode records (without their task strings, which go to the tasks table) as diffpolicy/*
+    columns: a key whose every value is a whole number stays int64, any other is JSON-encoded."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k != "task"))
+    columns = {}
+    for key in keys:
+        values = [r.get(key) for r in records]
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        columns[EPISODE_RECORD + key] = values if whole else [json.dumps(v) for v in values]
+    return columns
 
 
 # ----------------------------------------------------------------------------------------- key names
@@ -114,6 +148,7 @@ class _Episode:
     length: int
     data_file: Path
     videos: dict[str, tuple[Path, float, float]] = field(default_factory=dict)  # key -> (file, from, to)
+    record: dict[str, Any] = field(default_factory=dict)  # the diffpolicy/* columns (see EPISODE_RECORD)
 
 
 def _read_parquet(path: Path, columns: list[str] | None = None) -> Any:
@@ -162,7 +197,9 @@ def _episodes_v3(root: Path, info: dict, video_keys: list[str]) -> list[_Episode
         missing = [c for c in needed if c not in table.column_names]
         if missing:
             raise FormatError(f, f"missing columns {missing} (missing features)")
-        rows.extend(table.select(needed).to_pylist())
+        extra = [c for c in table.column_names if c.startswith(EPISODE_RECORD)]
+        extra += ["tasks"] if extra and "tasks" in table.column_names else []
+        rows.extend(table.select(needed + extra).to_pylist())
     rows.sort(key=lambda r: r["episode_index"])
     out = []
     for r in rows:
@@ -172,6 +209,7 @@ def _episodes_v3(root: Path, info: dict, video_keys: list[str]) -> list[_Episode
             data_file=_format_path(
                 root, info["data_path"], chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]
             ),
+            record=_decode_record(r),
         )
         for key in video_keys:
             video = _format_path(
@@ -528,7 +566,13 @@ def read_lerobot(path: str | os.PathLike) -> ForeignDataset:
         episodes=read_episodes,
         fps=fps,
         source_names=names,
-        attrs={"robot_type": info.get("robot_type"), "codebase_version": version, "tasks": tasks},
+        attrs={
+            "robot_type": info.get("robot_type"),
+            "codebase_version": version,
+            "tasks": tasks,
+            # per-episode records (collect's seed, group, task_kwargs), when the writer kept them
+            **({"episodes": [ep.record for ep in episodes]} if any(ep.record for ep in episodes) else {}),
+        },
         stats=stats,
     )
 
@@ -633,8 +677,11 @@ def write_lerobot(
     of their own dtype). ``fps`` defaults to the store's ``fps`` attribute. Tasks: a store imported from
     LeRobot keeps its tasks (``source.tasks``, and a per-frame ``task_index`` key when its frames have
     several); ``task`` gives every frame that one task instead; otherwise every frame gets the store's
-    ``task`` attribute (or ""). Written into a temporary folder and renamed into place; ``dst`` is replaced
-    only with ``overwrite``; the store is only read.
+    ``task`` attribute (or ""); a store written by ``collect`` gives each episode its own task string
+    (its per-episode records' ``task``, e.g. one per group of a mix). Those records (attrs["episodes"]:
+    seed, group, task_kwargs) become ``diffpolicy/*`` columns of meta/episodes, which the reader gives back.
+    ``robot_type`` defaults to the source's or the store's. Written into a temporary folder and renamed
+    into place; ``dst`` is replaced only with ``overwrite``; the store is only read.
     """
     pa = require("pyarrow")
     pq = require("pyarrow.parquet")
@@ -657,12 +704,18 @@ def write_lerobot(
     known = source.get("names", {})
     recorded = [str(t) for t in source.get("tasks") or []]
     task_key = "task_index" if recorded and "task_index" in store else None  # LeRobot's, not a feature
+    records = store.attrs.get("episodes")
+    records = records if isinstance(records, list) and len(records) == store.n_episodes else None
+    episode_task: list[int] | None = None  # per episode: its task's position in `tasks`
     if task:
         tasks, task_key = [task], None
     elif recorded:
         if len(recorded) > 1 and task_key is None:
             raise ValueError(f"the store records {len(recorded)} tasks but has no per-frame 'task_index' key")
         tasks = recorded
+    elif records and all(r.get("task") for r in records):  # collect's per-episode task strings
+        tasks = list(dict.fromkeys(str(r["task"]) for r in records))
+        episode_task = [tasks.index(str(r["task"])) for r in records]
     else:
         tasks = [str(store.attrs.get("task") or "")]
     keys = [k for k in store.keys if k != "task_index" or not recorded]
@@ -675,9 +728,23 @@ def write_lerobot(
         raise ValueError(f"keys {bad} are neither numeric arrays nor (T, H, W, 3) uint8 images")
     name_of = {k: known.get(k) or key_to_feature(k, k in image_keys) for k in keys}
     with atomic_folder(target, overwrite) as tmp:
-        robot_type = robot_type or source.get("robot_type")
+        robot_type = robot_type or source.get("robot_type") or store.attrs.get("robot_type")
         _write_v3(
-            store, tmp, fps, tasks, task_key, robot_type, image_keys, low_keys, name_of, crf, progress, pa, pq
+            store,
+            tmp,
+            fps,
+            tasks,
+            task_key,
+            robot_type,
+            image_keys,
+            low_keys,
+            name_of,
+            crf,
+            progress,
+            pa,
+            pq,
+            episode_task,
+            _record_columns(records) if records else {},
         )
     return target
 
@@ -696,6 +763,8 @@ def _write_v3(
     progress: bool,
     pa: Any,
     pq: Any,
+    episode_task: list[int] | None = None,
+    record_columns: dict[str, list[Any]] | None = None,
 ) -> None:
     frame_bytes = sum(int(np.prod(store[k].shape[1:])) * store[k].dtype.itemsize for k in store.keys)
     task_indices: list[np.ndarray] = []
@@ -746,9 +815,10 @@ def _write_v3(
             for k in low_keys:
                 buffer.setdefault(k, []).append(ep[k])
                 sums[k].append(ep[k])
-            task_index = (
-                np.zeros(n, np.int64) if task_key is None else ep[task_key].reshape(n).astype(np.int64)
-            )
+            if task_key is not None:
+                task_index = ep[task_key].reshape(n).astype(np.int64)
+            else:
+                task_index = np.full(n, 0 if episode_task is None else episode_task[i], np.int64)
             outside = task_index[(task_index < 0) | (task_index >= len(tasks))]
             if outside.size:
                 raise ValueError(
@@ -791,6 +861,8 @@ def _write_v3(
                     row[f"stats/{feature}/{stat}"] = value
             row["meta/episodes/chunk_index"] = 0
             row["meta/episodes/file_index"] = 0
+            for column, values in (record_columns or {}).items():
+                row[column] = values[i]
             episode_rows.append(row)
             in_file += n
             bar.update(n)
