@@ -47,7 +47,7 @@ def make_checkpoint(path: Path, obs_type: str = "state", kind: str = "ddpm") -> 
     }
     kinds = {"agent_pos": "minmax", "action": "minmax"}
     if obs_type == "state":
-        data["keypoint"] = torch.rand(200, 9, 2, generator=g) * 512
+        data["keypoint"] = torch.rand(200, 18, generator=g) * 512
         kinds["keypoint"] = "minmax"
     else:
         kinds["img"] = "image"

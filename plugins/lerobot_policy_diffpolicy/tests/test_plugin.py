@@ -126,7 +126,7 @@ def _lerobot_batch(obs: dict[str, np.ndarray], env_cfg: PushtEnv) -> dict:
 def _run_both(path: Path, env_cfg: PushtEnv, our_obs, steps: int, seed: int = 3, n_envs: int = 2):
     """Actions of the plugin (through LeRobot's pre/post-processors) and of diffpolicy's controller, both
     seeded alike, fed the same episode of gym-pusht observations (driven by the plugin's actions)."""
-    policy, pre, post = load_by_path(path, env_cfg, **{"policy.seed": str(seed)})
+    policy, pre, post = load_by_path(path, env_cfg, seed=str(seed))
     reference, _ = load_policy(path)
     controller = RecedingHorizonController(reference, generator=torch.Generator().manual_seed(seed))
     envs = gym.vector.SyncVectorEnv(
@@ -162,9 +162,7 @@ def test_state_actions_match_controller(state_ckpt):
 
 def test_state_actions_exact_on_our_keypoints(state_ckpt):
     # An env that gives our 9 keypoints as environment_state (18 values): bit-for-bit the controller's.
-    policy, pre, post = load_by_path(
-        state_ckpt, PushtEnv(obs_type="environment_state_agent_pos"), **{"policy.seed": "5"}
-    )
+    policy, pre, post = load_by_path(state_ckpt, PushtEnv(obs_type="environment_state_agent_pos"), seed="5")
     reference, _ = load_policy(state_ckpt)
     controller = RecedingHorizonController(reference, generator=torch.Generator().manual_seed(5))
     rng = np.random.default_rng(0)
@@ -224,6 +222,9 @@ def _lerobot_eval(tmp_path: Path, ckpt: Path, *args: str) -> dict:
         "--env.type=pusht",
         "--eval.n_episodes=2",
         "--eval.batch_size=2",
+        # LeRobot 0.6.1's async vector env (its default) fails on Push-T: the workers never import gym_pusht
+        # ("Namespace gym_pusht not found"), whatever the policy
+        "--eval.use_async_envs=false",
         "--policy.device=cpu",
         "--env.episode_length=12",
         f"--output_dir={out}",
@@ -238,8 +239,7 @@ def test_lerobot_eval_end_to_end(tmp_path, state_ckpt, image_ckpt, obs_type):
     ckpt = state_ckpt if obs_type.startswith("environment") else image_ckpt
     info = _lerobot_eval(tmp_path, ckpt, f"--env.obs_type={obs_type}")
     overall = info["overall"]
-    assert overall["n_episodes"] == 2 if "n_episodes" in overall else True
-    per_episode = info["per_episode"] if "per_episode" in info else info["per_task"][0]["metrics"]
-    assert len(per_episode) == 2 or len(per_episode.get("successes", [])) == 2
-    assert math.isfinite(overall["avg_sum_reward"])
+    assert overall["n_episodes"] == 2
+    assert len(info["per_task"][0]["metrics"]["successes"]) == 2
+    assert math.isfinite(overall["avg_sum_reward"]) and 0 <= overall["pc_success"] <= 100
     shutil.rmtree(tmp_path / "eval", ignore_errors=True)

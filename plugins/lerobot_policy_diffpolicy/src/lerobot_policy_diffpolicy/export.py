@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,7 +69,9 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     config = lerobot_config(checkpoint, device)
     pre, post = make_diffpolicy_pre_post_processors(config)
-    with tempfile.TemporaryDirectory(prefix=".lerobot-export-", dir=checkpoint) as tmp:
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
+    with tempfile.TemporaryDirectory(prefix="lerobot-export-") as tmp:
         staged = Path(tmp)
         config._save_pretrained(staged)
         pre.save_pretrained(staged)
@@ -87,8 +90,10 @@ def export_checkpoint(
                 f"{checkpoint} already holds {kept}, which differ from what this export writes; nothing was "
                 "changed. Move them aside, or pass --overwrite to replace them"
             )
-        for name in changed:
-            shutil.copyfile(staged / name, checkpoint / name)
+        for name in changed:  # each file appears whole or not at all
+            part = checkpoint / f".{name}.part"
+            shutil.copyfile(staged / name, part)
+            os.replace(part, checkpoint / name)
     return [checkpoint / n for n in changed]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 
 from diffpolicy.control import RecedingHorizonController
@@ -84,7 +85,9 @@ class DiffpolicyPolicy(PreTrainedPolicy):
                 f"{path} is not a folder: a diffpolicy policy loads from a local checkpoint folder"
             )
         if config is None:
-            config = DiffpolicyConfig.from_pretrained(path)
+            config = PreTrainedConfig.from_pretrained(path)
+            if not isinstance(config, DiffpolicyConfig):
+                raise ValueError(f"{path}/config.json describes a '{config.type}' policy, not 'diffpolicy'")
         policy = cls(config, checkpoint=path)
         policy.to(config.device)
         policy.eval()
