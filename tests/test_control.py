@@ -56,6 +56,19 @@ def test_actions_come_from_offset_n_obs_steps_minus_one_and_refill_every_n_actio
     assert ctrl.last_chunk.shape == (2, 5, 2)  # horizon - n_obs_steps + 1 executable steps
 
 
+def test_fresh_chunk_slides_the_window_and_queues_nothing():
+    policy = RecordingPolicy(n_obs_steps=2, horizon=6, n_action_steps=3)
+    ctrl = RecedingHorizonController(policy)
+    chunks = [ctrl.fresh_chunk(obs_at(t)) for t in range(3)]
+    assert [c[0, :, 0].tolist() for c in chunks] == [
+        [101, 102, 103, 104, 105],
+        [201, 202, 203, 204, 205],
+        [301, 302, 303, 304, 305],
+    ]  # a new chunk per call
+    assert [w["pos"][0, :, 0].tolist() for w in policy.windows] == [[0, 0], [0, 1], [1, 2]]
+    assert ctrl.step == 0 and ctrl.last_chunk is None  # nothing queued for act()
+
+
 def test_reset_forgets_history_and_queue():
     policy = RecordingPolicy()
     ctrl = RecedingHorizonController(policy)

@@ -160,6 +160,12 @@ class RecedingHorizonController:
         start = self.n_obs_steps - 1
         return out["action_pred"][:, start:].float().cpu().numpy()
 
+    def fresh_chunk(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Add `obs` to the window and return a fresh chunk's executable part (N, L, Da) without queuing
+        it: for callers that schedule chunks themselves (LeRobot's async policy server)."""
+        self._push(obs)
+        return self._predict()
+
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The action for this control step: a new policy step every frame_stride control steps, else the
         action held since the last one."""
