@@ -55,9 +55,10 @@ def main() -> None:
     parser.add_argument(
         "--max-guidance",
         type=float,
-        default=RTC_MAX_GUIDANCE,
+        default=None,
         help="beta, Black et al.'s clip of the guidance weight (1 - tau) / (tau r^2) on the velocity "
-        f"(default {RTC_MAX_GUIDANCE:g}, theirs; 1000: PiGDM nearly unclipped)",
+        f"(default by objective: flow {RTC_MAX_GUIDANCE['flow']:g}, theirs; DDPM "
+        f"{RTC_MAX_GUIDANCE['ddpm']:g}, PiGDM nearly unclipped)",
     )
     parser.add_argument(
         "--soft-mask-at-zero",

@@ -193,10 +193,18 @@ class RecedingHorizonController:
 
 ASYNC_MODES = ("sync", "naive", "ensemble", "rtc")
 
-# Black et al.'s beta: the clip of the guidance weight (1 - tau) / (tau r_tau^2) on the velocity. Theirs,
-# 5: larger clips make the soft region hard inpainting late in sampling (the weight is unbounded at the
-# clean end); 1000 leaves PiGDM nearly unclipped (bench/notes/serving.md measures both).
-RTC_MAX_GUIDANCE = 5.0
+# Black et al.'s beta, the clip of the guidance weight (1 - tau) / (tau r_tau^2) on the velocity, by training
+# objective; chosen by measurement on trained Push-T state policies (bench/notes/serving.md, issue 38).
+# Flow (guided Euler, 4 steps): the paper's 5; 1000 overshoots (boundary jerk 32.7 vs 23.2 at 300 ms, in-chunk
+# jerk 17.0 vs 6.4), 20 and 100 change nothing. DDPM / DDIM 10: the weight near the clean end matters;
+# 5 barely smooths (jerk 21.2 at 300 ms vs naive 26.3), 100 and 1000 give identical chunks (the weight never
+# exceeds ~100 at DDIM-10's timesteps) with jerk 13.3 and success 0.66 vs sync 0.54 at 300 ms.
+RTC_MAX_GUIDANCE = {"flow": 5.0, "ddpm": 1000.0}
+
+
+def default_max_guidance(policy: torch.nn.Module) -> float:
+    """The guidance clip real-time chunking uses for `policy` unless told otherwise (`RTC_MAX_GUIDANCE`)."""
+    return RTC_MAX_GUIDANCE["flow" if isinstance(policy, FlowPolicy) else "ddpm"]
 
 
 def rtc_weights(executable: int, delay: int, overlap: int) -> np.ndarray:
@@ -238,12 +246,16 @@ def check_rtc_policy(policy: torch.nn.Module) -> None:
         raise ValueError("real-time chunking needs policy.obs_as_global_cond=true")
 
 
-def check_max_guidance(max_guidance: float) -> float:
-    """`max_guidance` as a float, or a ValueError naming it when it is negative or not finite."""
+def check_max_guidance(max_guidance: float | None, policy: torch.nn.Module) -> float:
+    """`max_guidance` as a float (None: `default_max_guidance(policy)`), or a ValueError naming it when it is
+    negative or not finite."""
+    if max_guidance is None:
+        return default_max_guidance(policy)
     if not (math.isfinite(max_guidance) and max_guidance >= 0):
         raise ValueError(
             f"max_guidance={max_guidance} must be a finite number >= 0 (Black et al.'s beta, the clip of the "
-            f"guidance weight; {RTC_MAX_GUIDANCE} by default, 0 turns guidance off)"
+            f"guidance weight; by default {RTC_MAX_GUIDANCE['flow']:g} for flow policies and "
+            f"{RTC_MAX_GUIDANCE['ddpm']:g} for DDPM ones, 0 turns guidance off)"
         )
     return float(max_guidance)
 
@@ -254,7 +266,7 @@ def guided_chunk(
     target: torch.Tensor,
     weights: torch.Tensor,
     generator: torch.Generator | None = None,
-    max_guidance: float = RTC_MAX_GUIDANCE,
+    max_guidance: float | None = None,
 ) -> torch.Tensor:
     """A chunk (B, horizon, Da) in environment units that continues `target` where `weights` (horizon,) > 0.
 
@@ -262,8 +274,9 @@ def guided_chunk(
     denoising step the network's clean estimate x0(x_t) is pulled towards the target y by the
     vector-Jacobian product J^T diag(W) (y - x0), J = dx0/dx_t (one backward pass through the noise net per
     network call), with weight min(beta, (1 - tau) / (tau r_tau^2)) on the velocity (`guidance_weight`),
-    beta = max_guidance. A flow policy integrates the guided velocity v - weight * J^T W (y - x0),
-    x0 = x_s - s v, with its own Euler (or Heun) steps (`FlowPolicy.integrate`); a DDPM policy's timestep t
+    beta = max_guidance (None: `default_max_guidance`, by objective). A flow policy integrates the guided
+    velocity v - weight * J^T W (y - x0), x0 = x_s - s v, with its own Euler (or Heun) steps
+    (`FlowPolicy.integrate`); a DDPM policy's timestep t
     is the flow time tau = sqrt(abar_t) / (sqrt(abar_t) + sqrt(1 - abar_t)) of the same path rescaled, and
     the weight goes onto the score (weight * tau / (1 - tau), which is PiGDM's 1 / r_t^2 = 1 / (1 - abar_t)
     unclipped) before the policy's own diffusers scheduler step. Because the correction flows back through
@@ -272,7 +285,7 @@ def guided_chunk(
     chunk while this one is computed).
     """
     check_rtc_policy(policy)
-    max_guidance = check_max_guidance(max_guidance)
+    max_guidance = check_max_guidance(max_guidance, policy)
     with torch.inference_mode(False), torch.no_grad():
         features = policy.encode_obs({k: v.clone() for k, v in obs.items()})
         cond = policy.global_cond(features)
@@ -370,7 +383,7 @@ class AsyncChunkController(RecedingHorizonController):
         n_action_steps: int | None = None,
         ensemble_decay: float = 0.1,
         generator: torch.Generator | None = None,
-        max_guidance: float = RTC_MAX_GUIDANCE,
+        max_guidance: float | None = None,
     ) -> None:
         if mode not in ASYNC_MODES:
             raise ValueError(f"mode {mode!r} is not one of {ASYNC_MODES}")
@@ -378,7 +391,7 @@ class AsyncChunkController(RecedingHorizonController):
             raise ValueError(f"delay={delay} must be a whole number of control steps >= 0")
         super().__init__(policy, n_action_steps, mode == "ensemble", ensemble_decay, generator)
         self.delay, self.mode = int(delay), mode
-        self.max_guidance = check_max_guidance(max_guidance)
+        self.max_guidance = check_max_guidance(max_guidance, policy)
         self.executable = policy.horizon - policy.n_obs_steps + 1
         if mode != "sync" and self.delay > self.n_action_steps:
             raise ValueError(
