@@ -58,8 +58,9 @@ JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_ro
 ACTION_DIM = 6
 CAMERAS = ("top", "side", "wrist")
 OBJECT_NAMES = ("bowl", "eraser", "tape")
-# Home pose (LeRobot units): the arm folded up and back, gripper nearly closed, out of the cameras' way.
-HOME = np.array([0.0, -100.0, 90.0, 70.0, 0.0, 5.0])
+# Home pose (LeRobot units): upper arm leaned back, forearm raised, gripper nearly closed, its tip 16 cm
+# above the table in front of the base (clear of the objects' region and the container).
+HOME = np.array([0.0, -100.0, 40.0, 90.0, 0.0, 5.0])
 
 TABLE_RGBA = (0.55, 0.45, 0.35, 1.0)
 CONTAINER_POS = np.array([-0.13, 0.30])  # world (x, y); the arm's base is at (0, 0.15), facing +y
@@ -68,7 +69,7 @@ CONTAINER_WALL_H = 0.035
 CONTAINER_WALL_T = 0.005
 # Demonstration region (x_min, x_max, y_min, y_max) for object centres, and the minimum distance between
 # them; held-out regions for generalization lie elsewhere on the table (e.g. y 0.36 .. 0.40).
-OBJECT_REGION = (0.0, 0.14, 0.24, 0.35)
+OBJECT_REGION = (0.03, 0.15, 0.24, 0.35)
 MIN_SEPARATION = 0.065
 
 
@@ -168,7 +169,7 @@ def _add_object(spec: mujoco.MjSpec, obj: ObjectSpec) -> None:
             contype=0,
             conaffinity=0,
             group=1,
-            mass=0.0,
+            density=0.0,
         )
 
 
@@ -209,13 +210,23 @@ def _add_pads(spec: mujoco.MjSpec, model: mujoco.MjModel) -> None:
             condim=4,
             group=3,
             rgba=[0.9, 0.1, 0.1, 0.5],
-            mass=0.0,
+            density=0.0,
         )
         for geom in spec_body.geoms:
             is_mesh = geom.type == mujoco.mjtGeom.mjGEOM_MESH
             if is_mesh and geom.classname.name == "collision" and geom.meshname == model.mesh(mesh).name:
                 geom.contype = 0
                 geom.conaffinity = 0
+
+
+def _xyaxes_quat(x: list[float], y: list[float]) -> list[float]:
+    """The quaternion of a frame whose x and y axes are given in world coordinates (MJCF's xyaxes)."""
+    x = np.asarray(x, dtype=np.float64) / np.linalg.norm(x)
+    y = np.asarray(y, dtype=np.float64) / np.linalg.norm(y)
+    mat = np.stack([x, y, np.cross(x, y)], axis=1)
+    quat = np.zeros(4)
+    mujoco.mju_mat2Quat(quat, mat.reshape(-1))
+    return list(quat)
 
 
 def build_model(distractor: bool = False) -> mujoco.MjModel:
@@ -267,12 +278,16 @@ def _compiled_model(distractor: bool) -> mujoco.MjModel:
     world.add_light(name="fill", pos=[-0.4, 0.6, 0.8], dir=[0.4, -0.3, -1.0], diffuse=[0.25, 0.25, 0.25])
     # top: straight down over the table, image up = away from the arm; side: from the right, looking
     # across the workspace and slightly down (xyaxes give the camera's x and y axes in the world frame)
-    world.add_camera(name="top", pos=[0.0, 0.31, 0.62], xyaxes=[1, 0, 0, 0, 1, 0], fovy=45)
-    world.add_camera(
-        name="side",
-        pos=[0.45, 0.30, 0.30],
-        xyaxes=[0, 1, 0, -0.5, 0, 0.866],
-        fovy=60,
+    world.add_camera(name="top", pos=[0.0, 0.31, 0.62], quat=_xyaxes_quat([1, 0, 0], [0, 1, 0]), fovy=45)
+    side = _xyaxes_quat([0, 1, 0], [-0.5, 0, np.sqrt(0.75)])
+    world.add_camera(name="side", pos=[0.45, 0.30, 0.30], quat=side, fovy=60)
+    # where the objects of other episodes wait: off the table, out of every camera, not rendered
+    world.add_geom(
+        name="parking",
+        type=mujoco.mjtGeom.mjGEOM_BOX,
+        pos=[1.0, 0.0, -0.02],
+        size=[0.25, 0.1, 0.02],
+        group=HIDDEN_GROUP,
     )
     return spec.compile()
 
@@ -369,7 +384,7 @@ class So101GraspEnv(gym.Env):
         self._obj_qpos = [m.jnt_qposadr[m.joint(o.name).id] for o in OBJECTS]
         self._obj_geom = [m.geom(o.name).id for o in OBJECTS]
         self._obj_body = [m.body(o.name).id for o in OBJECTS]
-        self._pads = {m.geom("gripper_pad").id, m.geom("moving_jaw_so101_v1_pad").id}
+        self._pads = np.array([m.geom("gripper_pad").id, m.geom("moving_jaw_so101_v1_pad").id])
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
         self._scene_option = mujoco.MjvOption()
         self._scene_option.geomgroup[HIDDEN_GROUP] = 0
@@ -411,10 +426,9 @@ class So101GraspEnv(gym.Env):
         if np.any(np.abs(rel[:2]) > CONTAINER_INNER) or rel[2] > CONTAINER_WALL_H:
             return False
         geom = self._obj_geom[index]
-        for c in self.data.contact[: self.data.ncon]:
-            if (c.geom1 == geom and c.geom2 in self._pads) or (c.geom2 == geom and c.geom1 in self._pads):
-                return False
-        return True
+        g1, g2 = self.data.contact.geom1, self.data.contact.geom2
+        held = ((g1 == geom) & np.isin(g2, self._pads)) | ((g2 == geom) & np.isin(g1, self._pads))
+        return not held.any()
 
     def n_placed(self) -> int:
         assert self.layout is not None
@@ -456,8 +470,8 @@ class So101GraspEnv(gym.Env):
     # -- episode -----------------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        """The arm at HOME, this seed's objects at their places, the others hidden and parked off the
-        table (no collisions, weightless, not rendered)."""
+        """The arm at HOME, this seed's objects at their places, the others parked off the table (on a
+        shelf out of the cameras' view) and not rendered."""
         super().reset(seed=seed)
         if seed is None:
             seed = int(self.np_random.integers(2**31))
@@ -475,12 +489,10 @@ class So101GraspEnv(gym.Env):
                 pos = [*self.layout.object_xy[k], obj.half_height + 0.0005]
                 quat = _yaw_quat(self.layout.object_yaw[k])
             else:
-                pos, quat = [0.8 + 0.1 * i, 0.0, 0.1], np.array([1.0, 0.0, 0.0, 0.0])
+                pos, quat = [0.85 + 0.1 * i, 0.0, obj.half_height + 0.0005], np.array([1.0, 0.0, 0.0, 0.0])
             d.qpos[a : a + 3] = pos
             d.qpos[a + 3 : a + 7] = quat
-            m.geom_contype[geom] = m.geom_conaffinity[geom] = 1 if present else 0
             m.geom_group[geom] = 1 if present else HIDDEN_GROUP
-            m.body_gravcomp[self._obj_body[i]] = 0.0 if present else 1.0
         for g in range(m.ngeom):  # the tape's core follows the tape
             if m.geom_bodyid[g] == self._obj_body[2] and g != self._obj_geom[2]:
                 m.geom_group[g] = m.geom_group[self._obj_geom[2]]
@@ -669,11 +681,7 @@ class So101Expert:
 
     def _natural_dir(self, pos: np.ndarray) -> np.ndarray:
         """The horizontal closing direction of a down-pointing grasp at pos with the wrist roll at 0."""
-        q = self.q.copy()
-        q[4] = 0.0
-        pan = np.arctan2(-pos[0], pos[1] - 0.15)  # the arm faces +y from its base at (0, 0.15)
-        q[0] = pan
-        q, _ = self.ik.solve(q, pos, None, iterations=40)
+        q, _ = self.ik.solve(self._seed_q(pos), pos, None, iterations=60)
         _, r = self.ik.site_pose(q)
         d = np.array([r[0, 2], r[1, 2], 0.0])
         return d / np.linalg.norm(d)
@@ -728,7 +736,8 @@ class So101Expert:
         return segments
 
     def _seed_q(self, pos: np.ndarray) -> np.ndarray:
-        """A down-pointing start for the IK near pos: pan towards it, elbow bent, wrist down."""
+        """A down-pointing start for the IK near pos: pan towards it (the arm faces +y from its base at
+        (0, 0.15)), elbow bent, wrist down, no wrist roll."""
         return np.array([np.arctan2(-pos[0], pos[1] - 0.15), 0.0, 0.6, 1.2, 0.0])
 
     def finished(self) -> bool:
@@ -767,7 +776,7 @@ class So101Expert:
 # --------------------------------------------------------------------------------------------------
 
 
-def max_episode_steps(n_objects: int) -> int:
+def episode_steps(n_objects: int) -> int:
     """The episode limit in control steps: the user's 15 / 20 / 25 s for 1 / 2 / 3 objects at 30 Hz."""
     return int(round(TIME_LIMIT_S[int(n_objects)] * FPS))
 
@@ -784,7 +793,7 @@ class So101GraspTask(Task):
     """
 
     name = "so101_grasp"
-    max_episode_steps = max_episode_steps(1)
+    max_episode_steps = episode_steps(1)
 
     def __init__(
         self,
@@ -822,7 +831,7 @@ class So101GraspTask(Task):
         self.obs_type = obs_type
         self.cameras = cameras
         self.image_shape = self.env_kwargs["image_shape"]
-        self.max_episode_steps = max_episode_steps(self.n_objects)
+        self.max_episode_steps = episode_steps(self.n_objects)
 
     def shape_meta(self) -> dict[str, Any]:
         obs: dict[str, dict[str, Any]] = {}
