@@ -647,6 +647,22 @@ class Segment:
     joint_target: np.ndarray | None = None  # (5,) rad, for joint-space moves
 
 
+PAN_AXIS = np.array([0.0, 0.189])  # where the shoulder_pan axis meets the table (world x, y)
+
+
+def _arc_interpolate(a: np.ndarray, b: np.ndarray, f: float) -> np.ndarray:
+    """A point fraction f of the way from a to b along an arc around the pan axis (radius, angle and height
+    linear in f). Straight lines between far-apart points pass close to the arm's base, where a
+    down-pointing gripper cannot reach; the arm's own sweep keeps its reach."""
+    ra, rb = a[:2] - PAN_AXIS, b[:2] - PAN_AXIS
+    radius = (1 - f) * np.linalg.norm(ra) + f * np.linalg.norm(rb)
+    ta, tb = np.arctan2(ra[1], ra[0]), np.arctan2(rb[1], rb[0])
+    turn = (tb - ta + np.pi) % (2 * np.pi) - np.pi
+    angle = ta + f * turn
+    z = (1 - f) * a[2] + f * b[2]
+    return np.array([*(PAN_AXIS + radius * np.array([np.cos(angle), np.sin(angle)])), z])
+
+
 class So101Expert:
     """Pick each object (in a random order), put it into the container, return home.
 
@@ -664,7 +680,7 @@ class So101Expert:
         self.ik = ArmIK(env.model)
         self.speed = rng.uniform(0.85, 1.2)  # multiplies the Cartesian speed
         self.hover = rng.uniform(0.05, 0.08)
-        self.carry = rng.uniform(0.10, 0.13)
+        self.carry = rng.uniform(0.09, 0.11)  # fingertip height while carrying (m)
         self.open = rng.uniform(60.0, 75.0)
         self.q = from_lerobot(HOME, env.model)[:5]
         self.segments = self._plan()
@@ -698,7 +714,7 @@ class So101Expert:
             natural = self._natural_dir(np.array([*pose[:2], 0.05]))
             if obj.geom == "box":  # close across the box's local y axis, the sign nearer the natural one
                 w, x, y, z = pose[3:]
-                axis = np.array([-2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 0.0])
+                axis = np.array([2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 0.0])  # local y in world
                 axis /= np.linalg.norm(axis)
                 close = axis if axis @ natural >= 0 else -axis
             else:
@@ -711,10 +727,10 @@ class So101Expert:
             grasp_z = max(top - rng.uniform(0.014, 0.02), 0.009)
             above = np.array([*grasp_xy, top + self.hover])
             grasp = np.array([*grasp_xy, grasp_z])
-            lift = np.array([*grasp_xy, top + self.carry])
+            lift = np.array([*grasp_xy, self.carry])
             release_xy = box[:2] + rng.uniform(-0.012, 0.012, 2) - (obj.grip_half_width + 0.004) * close[:2]
             over = np.array([*release_xy, self.carry + 0.01])
-            low = np.array([*release_xy, self.carry - rng.uniform(0.0, 0.02)])
+            low = np.array([*release_xy, self.carry - rng.uniform(0.0, 0.015)])
             if here is None:  # from home: a joint-space move to the first hover point
                 q_above, _ = self.ik.solve(self._seed_q(above), above, close, iterations=100)
                 segments.append(Segment(above, close, self.open, self._steps(0.3, 1.5), q_above))
@@ -758,7 +774,7 @@ class So101Expert:
         if seg.joint_target is not None:
             self.q = self.start_q + f * (seg.joint_target - self.start_q)
         else:
-            pos = self.start_pos + f * (seg.pos - self.start_pos)
+            pos = _arc_interpolate(self.start_pos, seg.pos, f)
             d = self.start_dir + f * (seg.close_dir - self.start_dir)
             d[2] = 0.0
             d /= max(np.linalg.norm(d), 1e-9)
