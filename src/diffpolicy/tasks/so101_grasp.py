@@ -94,9 +94,9 @@ class ObjectSpec:
 
 
 OBJECTS = (
-    ObjectSpec("bowl", "cylinder", (0.018, 0.014), (0.85, 0.45, 0.15, 1.0), 0.03),
+    ObjectSpec("bowl", "cylinder", (0.015, 0.016), (0.85, 0.45, 0.15, 1.0), 0.03),
     ObjectSpec("eraser", "box", (0.026, 0.011, 0.010), (0.95, 0.55, 0.70, 1.0), 0.02),
-    ObjectSpec("tape", "cylinder", (0.021, 0.012), (0.55, 0.58, 0.62, 1.0), 0.03),
+    ObjectSpec("tape", "cylinder", (0.016, 0.011), (0.55, 0.58, 0.62, 1.0), 0.03),
 )
 DISTRACTOR = ObjectSpec("distractor", "box", (0.015, 0.015, 0.015), (0.2, 0.45, 0.9, 1.0), 0.03)
 HIDDEN_GROUP = 5  # geom group of objects not in the current episode (not rendered)
@@ -157,14 +157,14 @@ def _add_object(spec: mujoco.MjSpec, obj: ObjectSpec) -> None:
         size=size,
         rgba=list(obj.rgba),
         mass=obj.mass,
-        friction=[1.0, 0.01, 0.001],
-        condim=4,
+        friction=[1.0, 0.02, 0.002],
+        condim=6,  # with torsional and rolling friction: a pinched object does not pivot between the pads
         group=1,
     )
     if obj.name == "tape":  # the roll's dark core, visual only
         body.add_geom(
             type=kind,
-            size=[0.009, obj.size[1] + 0.0005, 0.0],
+            size=[0.007, obj.size[1] + 0.0005, 0.0],
             rgba=[0.12, 0.1, 0.08, 1.0],
             contype=0,
             conaffinity=0,
@@ -206,7 +206,7 @@ def _add_pads(spec: mujoco.MjSpec, model: mujoco.MjModel) -> None:
             type=mujoco.mjtGeom.mjGEOM_BOX,
             pos=list((lo + hi) / 2),
             size=list((hi - lo) / 2),
-            friction=[1.5, 0.02, 0.002],
+            friction=[2.0, 0.05, 0.005],
             condim=4,
             group=3,
             rgba=[0.9, 0.1, 0.1, 0.5],
@@ -650,6 +650,11 @@ class Segment:
 PAN_AXIS = np.array([0.0, 0.189])  # where the shoulder_pan axis meets the table (world x, y)
 
 
+def _pan_angle(xy: np.ndarray) -> float:
+    rel = np.asarray(xy)[:2] - PAN_AXIS
+    return float(np.arctan2(rel[1], rel[0]))
+
+
 def _arc_interpolate(a: np.ndarray, b: np.ndarray, f: float) -> np.ndarray:
     """A point fraction f of the way from a to b along an arc around the pan axis (radius, angle and height
     linear in f). Straight lines between far-apart points pass close to the arm's base, where a
@@ -681,7 +686,7 @@ class So101Expert:
         self.speed = rng.uniform(0.85, 1.2)  # multiplies the Cartesian speed
         self.hover = rng.uniform(0.05, 0.08)
         self.carry = rng.uniform(0.09, 0.11)  # fingertip height while carrying (m)
-        self.open = rng.uniform(60.0, 75.0)
+        self.open = rng.uniform(45.0, 55.0)  # wide enough for the tape, narrow enough to miss neighbours
         self.q = from_lerobot(HOME, env.model)[:5]
         self.segments = self._plan()
         self.index = 0
@@ -708,7 +713,9 @@ class So101Expert:
         segments: list[Segment] = []
         here = None
         box = env.container_pos()
-        for i in order:
+        # each object has its own spot in the container (objects dropped onto each other pile above the walls)
+        spots = rng.permutation(np.array([[1, 1], [-1, -1], [1, -1], [-1, 1]]) * 0.024)
+        for k, i in enumerate(order):
             obj = OBJECTS[i]
             pose = env.object_pose(i)
             natural = self._natural_dir(np.array([*pose[:2], 0.05]))
@@ -724,11 +731,16 @@ class So101Expert:
             offset = rng.normal(0.0, 0.002, 2)
             grasp_xy = pose[:2] - (obj.grip_half_width + 0.004) * close[:2] + offset
             top = pose[2] + obj.half_height
-            grasp_z = max(top - rng.uniform(0.014, 0.02), 0.009)
+            grasp_z = max(top - rng.uniform(0.016, 0.022), 0.008)
             above = np.array([*grasp_xy, top + self.hover])
             grasp = np.array([*grasp_xy, grasp_z])
             lift = np.array([*grasp_xy, self.carry])
-            release_xy = box[:2] + rng.uniform(-0.012, 0.012, 2) - (obj.grip_half_width + 0.004) * close[:2]
+            # carried with the pan: the jaws turn with the arm (no fast wrist roll that shakes the object)
+            turn = _pan_angle(box[:2]) - _pan_angle(grasp_xy)
+            c, s = np.cos(turn), np.sin(turn)
+            carry_close = np.array([c * close[0] - s * close[1], s * close[0] + c * close[1], 0.0])
+            spot = box[:2] + spots[k] + rng.uniform(-0.005, 0.005, 2)
+            release_xy = spot - (obj.grip_half_width + 0.004) * carry_close[:2]
             over = np.array([*release_xy, self.carry + 0.01])
             low = np.array([*release_xy, self.carry - rng.uniform(0.0, 0.015)])
             if here is None:  # from home: a joint-space move to the first hover point
@@ -742,11 +754,12 @@ class So101Expert:
             segments.append(Segment(grasp, close, self.open, self._steps(self.hover, 0.6)))
             segments.append(Segment(grasp, close, 0.0, int(rng.integers(10, 15))))
             segments.append(Segment(lift, close, 0.0, self._steps(self.carry, 0.6)))
-            segments.append(Segment(over, close, 0.0, self._steps(np.linalg.norm(over - lift), 0.8)))
-            segments.append(Segment(low, close, 0.0, self._steps(0.02, 0.3)))
-            segments.append(Segment(low, close, self.open * 0.7, int(rng.integers(8, 12))))
+            arc = float(np.linalg.norm(over - lift)) * 1.3
+            segments.append(Segment(over, carry_close, 0.0, self._steps(arc, 1.0)))
+            segments.append(Segment(low, carry_close, 0.0, self._steps(0.02, 0.3)))
+            segments.append(Segment(low, carry_close, self.open * 0.7, int(rng.integers(8, 12))))
             here = over + [0.0, 0.0, 0.02]
-            segments.append(Segment(here, close, self.open * 0.7, self._steps(0.04, 0.4)))
+            segments.append(Segment(here, carry_close, self.open * 0.7, self._steps(0.04, 0.4)))
         home = from_lerobot(HOME, env.model)
         segments.append(Segment(None, None, float(HOME[5]), self._steps(0.3, 1.5), home[:5]))
         return segments
