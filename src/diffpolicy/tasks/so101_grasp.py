@@ -69,8 +69,11 @@ CONTAINER_WALL_H = 0.035
 CONTAINER_WALL_T = 0.005
 # Demonstration region (x_min, x_max, y_min, y_max) for object centres, and the minimum distance between
 # them; held-out regions for generalization lie elsewhere on the table (e.g. y 0.36 .. 0.40).
-OBJECT_REGION = (0.03, 0.15, 0.24, 0.35)
+OBJECT_REGION = (0.03, 0.16, 0.25, 0.36)
 MIN_SEPARATION = 0.065
+# Object centres are also kept within this distance range (m) of the shoulder_pan axis at (0, 0.189):
+# nearer the base a down-pointing gripper cannot reach, farther the arm cannot.
+REACH = (0.11, 0.21)
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,8 @@ def _compiled_model(distractor: bool) -> mujoco.MjModel:
     box = world.add_body(name="container", pos=[*CONTAINER_POS, 0.0])
     inner, h, t = CONTAINER_INNER, CONTAINER_WALL_H, CONTAINER_WALL_T
     colour = [0.25, 0.35, 0.3, 1.0]
-    box.add_geom(type=mujoco.mjtGeom.mjGEOM_BOX, pos=[0, 0, t / 2], size=[inner + t, inner + t, t / 2])
+    # a thick floor (1 cm): dropped objects do not tunnel through it
+    box.add_geom(type=mujoco.mjtGeom.mjGEOM_BOX, pos=[0, 0, 0.005], size=[inner + t, inner + t, 0.005])
     for sx, sy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
         size = [t / 2, inner + t, h / 2] if sx else [inner + t, t / 2, h / 2]
         box.add_geom(
@@ -315,7 +319,7 @@ def sample_layout(
     distractor: bool = False,
 ) -> EpisodeLayout:
     """The episode's objects (a random subset of n_objects), their positions (at least MIN_SEPARATION
-    apart, inside object_region), yaws, the container's position (+-1 cm) and the distractor's position."""
+    apart, inside object_region and within REACH of the pan axis), yaws, the container's position (+-1 cm) and the distractor's position."""
     rng = np.random.default_rng([seed, 39])
     present = tuple(sorted(int(i) for i in rng.choice(len(OBJECTS), n_objects, replace=False)))
     x0, x1, y0, y1 = object_region
@@ -323,7 +327,8 @@ def sample_layout(
     for _ in range(1000):
         xy = np.stack([rng.uniform(x0, x1, n_points), rng.uniform(y0, y1, n_points)], axis=1)
         gaps = [np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1 :]]
-        if not gaps or min(gaps) >= MIN_SEPARATION:
+        reach = np.linalg.norm(xy - [0.0, 0.189], axis=1)
+        if (not gaps or min(gaps) >= MIN_SEPARATION) and np.all((reach >= REACH[0]) & (reach <= REACH[1])):
             break
     else:
         raise ValueError(f"object_region {object_region} is too small for {n_points} objects")
