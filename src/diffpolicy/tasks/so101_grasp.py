@@ -70,7 +70,7 @@ CONTAINER_WALL_T = 0.005
 # Demonstration region (x_min, x_max, y_min, y_max) for object centres, and the minimum distance between
 # them; held-out regions for generalization lie elsewhere on the table (e.g. y 0.36 .. 0.40).
 OBJECT_REGION = (0.03, 0.16, 0.25, 0.36)
-MIN_SEPARATION = 0.065
+MIN_SEPARATION = 0.072
 # Object centres are also kept within this distance range (m) of the shoulder_pan axis at (0, 0.189):
 # nearer the base a down-pointing gripper cannot reach, farther the arm cannot.
 REACH = (0.11, 0.21)
@@ -747,7 +747,7 @@ class So101Expert:
             spot = box[:2] + spots[k] + rng.uniform(-0.005, 0.005, 2)
             release_xy = spot - (obj.grip_half_width + 0.004) * carry_close[:2]
             over = np.array([*release_xy, self.carry + 0.01])
-            low = np.array([*release_xy, self.carry - rng.uniform(0.0, 0.015)])
+            low = np.array([*release_xy, rng.uniform(0.065, 0.075)])  # a short drop: no bouncing out
             if here is None:  # from home: a joint-space move to the first hover point
                 q_above, _ = self.ik.solve(self._seed_q(above), above, close, iterations=100)
                 segments.append(Segment(above, close, self.open, self._steps(0.3, 1.5), q_above))
