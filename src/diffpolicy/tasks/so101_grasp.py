@@ -319,7 +319,8 @@ def sample_layout(
     distractor: bool = False,
 ) -> EpisodeLayout:
     """The episode's objects (a random subset of n_objects), their positions (at least MIN_SEPARATION
-    apart, inside object_region and within REACH of the pan axis), yaws, the container's position (+-1 cm) and the distractor's position."""
+    apart, inside object_region and within REACH of the pan axis), yaws, the container's position
+    (+-1 cm) and the distractor's position."""
     rng = np.random.default_rng([seed, 39])
     present = tuple(sorted(int(i) for i in rng.choice(len(OBJECTS), n_objects, replace=False)))
     x0, x1, y0, y1 = object_region
