@@ -469,8 +469,7 @@ class So101GraspEnv(gym.Env):
         return renderer.render()
 
     def render(self) -> np.ndarray:
-        """The top camera at render_shape (the side camera too, side by side, when both are wanted is left
-        to callers: videos show the top view)."""
+        """The top camera at render_shape (evaluation videos show the top view)."""
         return self.render_camera("top", self.render_shape)
 
     # -- episode -----------------------------------------------------------------------------------
