@@ -188,10 +188,11 @@ def test_collect_train_eval(tmp_path):
     needs_renderer()  # the evaluation writes a video
     preset = "so101_grasp_state_unet_cpu"
     data = tmp_path / "demos.zarr"
-    args = ["collect", "--preset", preset, "--episodes", "2", "--workers", "1", "--out", str(data)]
+    args = ["collect", "--preset", preset, "--episodes", "3", "--workers", "1", "--out", str(data)]
+    args += ["--format", "zarr"]  # the preset writes LeRobot v3 (tests/test_collect_mix.py covers that path)
     assert main(args) == 0
     store = EpisodeStore.open(data)
-    assert store.n_episodes == 2
+    assert store.n_episodes == 3  # the preset's 50/50/100 mix scaled to 3: one episode per object count
     assert {"state", "object_pose", "container_pos", "action"} <= set(store.keys)
     run = tmp_path / "run"
     train = ["train", "--preset", preset, "--run-dir", str(run), f"data.path={data}", "data.val_ratio=0"]

@@ -828,6 +828,9 @@ class So101GraspTask(Task):
 
     name = "so101_grasp"
     max_episode_steps = episode_steps(1)
+    fps = float(FPS)
+    absolute_actions = True  # joint-position targets: holding one for k steps is what a servo does
+    robot_type = "so101_follower"
 
     def __init__(
         self,
@@ -866,6 +869,10 @@ class So101GraspTask(Task):
         self.cameras = cameras
         self.image_shape = self.env_kwargs["image_shape"]
         self.max_episode_steps = episode_steps(self.n_objects)
+
+    def description(self) -> str:
+        n = self.n_objects
+        return f"grasp {n} object{'s' if n > 1 else ''} and place {'them' if n > 1 else 'it'} in the container"
 
     def shape_meta(self) -> dict[str, Any]:
         obs: dict[str, dict[str, Any]] = {}
