@@ -871,8 +871,9 @@ class So101GraspTask(Task):
         self.max_episode_steps = episode_steps(self.n_objects)
 
     def description(self) -> str:
-        n = self.n_objects
-        return f"grasp {n} object{'s' if n > 1 else ''} and place {'them' if n > 1 else 'it'} in the container"
+        if self.n_objects == 1:
+            return "grasp 1 object and place it in the container"
+        return f"grasp {self.n_objects} objects and place them in the container"
 
     def shape_meta(self) -> dict[str, Any]:
         obs: dict[str, dict[str, Any]] = {}
