@@ -87,9 +87,16 @@ def tiny_image_policy(*overrides: str, size: int = 32, crop: int = 28) -> torch.
     return policy
 
 
+# One torch thread per test process: the suite runs one process per core (pytest -n auto), and results
+# compared bit for bit with a 1-thread subprocess (tests/test_faults.py) need the same float reductions.
+# Set at import as well as per test: module- and session-scoped fixtures run before any function-scoped
+# autouse fixture, so a reference run built first in a fresh worker would otherwise use every core.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(1)  # keeps the suite's timing stable on the 2-core CI machine
+    torch.set_num_threads(1)  # a test may change it; the next one starts from 1 again
     yield
 
 
