@@ -34,7 +34,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from diffpolicy.tasks.base import Rollout, Task, prepare_headless_gl
+from diffpolicy.tasks.base import Rollout, Task, check_camera_options, prepare_headless_gl
 
 prepare_headless_gl()  # before dm_control loads MuJoCo's GL (EGL by default; triton first)
 
@@ -100,7 +100,7 @@ class AlohaTransferCubeEnv(gym.Env):
         terminate_on_success: bool = True,
         fast_render: bool = True,
     ) -> None:
-        _check_options(obs_type, image_shape, cameras, render_shape)
+        check_camera_options(obs_type, image_shape, cameras, render_shape, CAMERAS)
         self.obs_type = obs_type
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.cameras = tuple(cameras)
@@ -190,21 +190,6 @@ class AlohaTransferCubeEnv(gym.Env):
     def close(self) -> None:
         self._cameras.clear()
         self.physics.free()
-
-
-def _check_options(
-    obs_type: str, image_shape: tuple[int, int], cameras: tuple[str, ...], render_shape: tuple[int, int]
-) -> None:
-    if obs_type not in ("state", "image"):
-        raise ValueError(f"unknown obs_type '{obs_type}'; expected 'state' or 'image'")
-    for what, shape in (("image_shape", image_shape), ("render_shape", render_shape)):
-        if len(shape) != 2 or not all(8 <= int(s) <= 480 for s in shape) or int(shape[1]) > 640:
-            raise ValueError(f"{what} must be (height, width) within 8..480 x 8..640, got {shape}")
-    if not cameras:
-        raise ValueError("cameras must name at least one camera")
-    unknown = [c for c in cameras if c not in CAMERAS]
-    if unknown:
-        raise ValueError(f"unknown camera(s) {unknown}; the scene has {list(CAMERAS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +349,7 @@ class AlohaTransferCubeTask(Task):
         fast_render: bool = True,
     ) -> None:
         image_shape, cameras, render_shape = tuple(image_shape), tuple(cameras), tuple(render_shape)
-        _check_options(obs_type, image_shape, cameras, render_shape)
+        check_camera_options(obs_type, image_shape, cameras, render_shape, CAMERAS)
         self.obs_type = obs_type
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.cameras = cameras

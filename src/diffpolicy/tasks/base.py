@@ -27,6 +27,27 @@ def prepare_headless_gl() -> None:
             import triton  # noqa: F401
 
 
+def check_camera_options(
+    obs_type: str,
+    image_shape: tuple[int, int],
+    cameras: tuple[str, ...],
+    render_shape: tuple[int, int],
+    known_cameras: tuple[str, ...] | list[str] | dict,
+) -> None:
+    """ValueError naming the option when a MuJoCo task's observation / camera kwargs are out of range:
+    obs_type state | image, (height, width) within 8..480 x 8..640, cameras among the scene's."""
+    if obs_type not in ("state", "image"):
+        raise ValueError(f"unknown obs_type '{obs_type}'; expected 'state' or 'image'")
+    for what, shape in (("image_shape", image_shape), ("render_shape", render_shape)):
+        if len(shape) != 2 or not all(8 <= int(s) <= 480 for s in shape) or int(shape[1]) > 640:
+            raise ValueError(f"{what} must be (height, width) within 8..480 x 8..640, got {shape}")
+    if not cameras:
+        raise ValueError("cameras must name at least one camera")
+    unknown = [c for c in cameras if c not in known_cameras]
+    if unknown:
+        raise ValueError(f"unknown camera(s) {unknown}; the scene has {list(known_cameras)}")
+
+
 @dataclass
 class Rollout:
     """One closed-loop episode as the evaluator recorded it."""

@@ -45,7 +45,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from diffpolicy.tasks.base import Rollout, Task, prepare_headless_gl
+from diffpolicy.tasks.base import Rollout, Task, check_camera_options, prepare_headless_gl
 
 prepare_headless_gl()  # before mujoco loads its GL (EGL by default; triton first)
 
@@ -543,16 +543,7 @@ def _check_options(
 ) -> None:
     if isinstance(n_objects, bool) or int(n_objects) != n_objects or n_objects not in TIME_LIMIT_S:
         raise ValueError(f"n_objects must be 1, 2 or 3, got {n_objects!r}")
-    if obs_type not in ("state", "image"):
-        raise ValueError(f"unknown obs_type '{obs_type}'; expected 'state' or 'image'")
-    for what, shape in (("image_shape", image_shape), ("render_shape", render_shape)):
-        if len(shape) != 2 or not all(8 <= int(s) <= 480 for s in shape) or int(shape[1]) > 640:
-            raise ValueError(f"{what} must be (height, width) within 8..480 x 8..640, got {shape}")
-    if not cameras:
-        raise ValueError("cameras must name at least one camera")
-    unknown = [c for c in cameras if c not in CAMERAS]
-    if unknown:
-        raise ValueError(f"unknown camera(s) {unknown}; the scene has {list(CAMERAS)}")
+    check_camera_options(obs_type, image_shape, cameras, render_shape, CAMERAS)
     if (
         len(object_region) != 4
         or object_region[0] >= object_region[1]
