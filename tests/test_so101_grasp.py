@@ -26,8 +26,10 @@ from diffpolicy.tasks.so101_grasp import (  # noqa: E402
     OBJECTS,
     So101Expert,
     So101GraspEnv,
+    build_model,
     from_lerobot,
     sample_layout,
+    simplify_mesh,
     to_lerobot,
 )
 
@@ -113,6 +115,31 @@ def test_state_env_never_renders(monkeypatch):
         obs, *_ = env.step(obs["state"].copy())
     assert calls == []
     env.close()
+
+
+def test_simplify_mesh_merges_cells_and_drops_collapsed_triangles():
+    # a 1 cm square of two triangles plus a sliver whose corners fall in one 2 mm cell
+    vert = np.array([[0, 0, 0], [0.01, 0, 0], [0.01, 0.01, 0], [0, 0.01, 0], [0.0002, 0.0001, 0.0]])
+    face = np.array([[0, 1, 2], [0, 2, 3], [0, 4, 1], [4, 1, 2]])
+    v, f = simplify_mesh(vert, face, 0.002)
+    assert len(v) == 4 and len(f) == 2  # 0 and 4 merged; sliver gone; [4,1,2] repeats [0,1,2]
+    assert np.isclose(v, [0.0001, 0.00005, 0.0]).all(1).any()  # the merged corner is the cell's mean
+    assert f.max() == len(v) - 1  # no unused vertices
+    with pytest.raises(ValueError, match="cell"):
+        simplify_mesh(vert, face, 0.0)
+
+
+def test_arm_renders_simplified_meshes_and_collides_with_the_shipped_ones():
+    """Rendering cost: the arm's visual geoms use the few-thousand-triangle copies; the collision geoms (and
+    so the physics) keep the shipped meshes."""
+    m = build_model()
+    visual = [g for g in range(m.ngeom) if m.geom_group[g] == 2 and m.geom_dataid[g] >= 0]
+    collision = [g for g in range(m.ngeom) if m.geom_contype[g] and m.geom_dataid[g] >= 0]
+    assert len(visual) == 17 and collision
+    assert all(m.mesh(m.geom_dataid[g]).name.endswith("_visual") for g in visual)
+    assert not any(m.mesh(m.geom_dataid[g]).name.endswith("_visual") for g in collision)
+    rendered = sum(int(m.mesh_facenum[m.geom_dataid[g]]) for g in visual)
+    assert rendered < 40_000  # 399k triangles before (the shipped STL meshes)
 
 
 @pytest.mark.parametrize("n_objects, steps", [(1, 450), (2, 600), (3, 750)])
