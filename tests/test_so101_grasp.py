@@ -157,14 +157,13 @@ def test_expert_puts_the_object_in_the_container():
         assert success, f"expert failed on seed {seed}"
         n = len(data["action"])
         assert n <= task.max_episode_steps
-        assert data["n_placed"][0, 0] == 0 and data["n_placed"][-1, 0] == 1
+        assert data["reward"][0, 0] == 0 and data["reward"][-1, 0] == 1  # objects in the container
         assert {k: v.shape for k, v in data.items()} == {
             "state": (n, 6),
             "object_pose": (n, 21),
             "container_pos": (n, 3),
             "action": (n, 6),
-            "n_placed": (n, 1),
-            "reward": (n, 1),
+            "reward": (n, 1),  # no n_placed: the same count, and no observation (LeRobot's next.reward)
         }
         # LeRobot units: degrees within the joints' ranges, gripper within 0..100
         assert np.all(np.abs(data["action"][:, :5]) < 180) and np.ptp(data["action"][:, 1]) > 20

@@ -960,8 +960,10 @@ class So101GraspTask(Task):
     def collect_episode(self, seed: int) -> tuple[dict[str, np.ndarray], bool]:
         """One expert episode to its end (home pose), the observation seen before each action.
 
-        Stored besides the observation keys: `object_pose` and `container_pos` (also for images),
-        `n_placed` (objects in the container after the step) and `reward` (the same, as float).
+        Stored besides the observation keys: `object_pose` and `container_pos` (also for images) and
+        `reward` (objects in the container after the step, as float: LeRobot's `next.reward`, no
+        observation). The count is not stored a second time as an int (it was `n_placed`): a LeRobot
+        export would have made it an `observation.*` feature, i.e. a policy input, of bookkeeping.
         Success: every object is in the container when the expert's plan ends (within the time limit).
         """
         kwargs = {**self.env_kwargs, "terminate_on_success": False}
@@ -969,7 +971,7 @@ class So101GraspTask(Task):
         try:
             obs, _ = env.reset(seed=seed)
             expert = So101Expert(env, seed)
-            keys = [*obs, "object_pose", "container_pos", "action", "n_placed", "reward"]
+            keys = [*obs, "object_pose", "container_pos", "action", "reward"]
             steps: dict[str, list[np.ndarray]] = {k: [] for k in dict.fromkeys(keys)}
             placed = 0
             for _ in range(self.max_episode_steps):
@@ -987,7 +989,6 @@ class So101GraspTask(Task):
                 steps["action"].append(action.astype(np.float32))
                 obs, reward, _, _, info = env.step(action)
                 placed = info["n_placed"]
-                steps["n_placed"].append(np.array([placed], dtype=np.int64))
                 steps["reward"].append(np.array([reward], dtype=np.float32))
             success = expert.finished() and placed == self.n_objects
         finally:
