@@ -56,7 +56,7 @@ def run_episode(job: tuple[int, int]) -> dict[str, Any]:
         "seed": seed,
         "success": bool(success),
         "length": steps,
-        "placed": int(data["n_placed"][-1, 0]),
+        "placed": int(data["reward"][-1, 0]),  # the reward is the number of objects in the container
         "expert_steps_per_cpu_s": steps / expert_cpu,
         "physics_steps_per_cpu_s": steps / physics_cpu,
     }

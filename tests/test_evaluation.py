@@ -104,3 +104,32 @@ def test_report_counts_success_at_any_step(tmp_path):
     assert report["mean_max_reward"] == pytest.approx(3.7 / 5)
     assert [e["length"] for e in report["episodes"]] == [4, 2, 3, 5, 2]
     assert json.loads((tmp_path / "report.json").read_text())["success_rate"] == report["success_rate"]
+
+
+class FilmedEnv(KnownOutcomeEnv):
+    """Counts its render calls (a shared list of env ids, one entry per call)."""
+
+    calls: list[int] = []
+
+    def render(self):
+        FilmedEnv.calls.append(id(self))
+        return np.zeros((8, 8, 3), dtype=np.uint8)
+
+
+class FilmedTask(KnownOutcomeTask):
+    fps = 30.0  # video_stride 3: one frame every third step
+
+    def make_env(self, render=False):
+        return FilmedEnv()
+
+    def draw_chunk(self, frame, chunk):
+        return frame
+
+
+def test_videos_render_only_the_filmed_envs_every_stride_steps():
+    FilmedEnv.calls = []
+    cfg = EvalConfig(n_episodes=2, seed=103, n_envs=2, max_steps=5, n_videos=1)
+    rollouts = run_rollouts(StepEchoPolicy(), FilmedTask(), cfg, 2, 103)
+    # seed 103 runs 5 steps (filmed at steps 0 and 3), seed 104 is not filmed
+    assert len(set(FilmedEnv.calls)) == 1 and len(FilmedEnv.calls) == 2
+    assert len(rollouts[0].frames) == 2 and rollouts[1].frames is None

@@ -62,12 +62,36 @@ def test_key_mapping():
         ("observation.state", "state"),
         ("observation.environment_state", "environment_state"),
         ("action", "action"),
-        ("next.reward", "next_reward"),
+        ("next.reward", "reward"),  # LeRobot's reward after the frame's action: our tasks' `reward`
+        ("next.done", "next_done"),
     ]:
         assert feature_to_key(name) == key
     assert key_to_feature("laptop", True) == "observation.images.laptop"
     assert key_to_feature("image", True) == "observation.image"
     assert key_to_feature("state", False) == "observation.state"
+    assert key_to_feature("reward", False) == "next.reward"  # not observation.reward: no policy input
+
+
+def test_reward_is_written_as_next_reward_and_read_back_as_no_observation(tmp_path):
+    direct = EpisodeStore.create(tmp_path / "with_reward.zarr")  # a per-step reward, as collect stores it
+    rng = np.random.default_rng(0)
+    for n in (12, 9):
+        direct.add_episode(
+            {
+                "state": rng.normal(size=(n, 3)).astype(np.float32),
+                "action": rng.normal(size=(n, 2)).astype(np.float32),
+                "reward": rng.integers(0, 3, (n, 1)).astype(np.float32),
+            }
+        )
+    direct.attrs.update({"fps": 30})
+    folder = write_lerobot(direct, tmp_path / "lerobot", progress=False)
+    features = json.loads((folder / "meta" / "info.json").read_text())["features"]
+    assert features["next.reward"] == {"dtype": "float32", "shape": [1], "names": None}
+    assert not any(name.startswith("observation.") and "reward" in name for name in features)
+    dataset = read_dataset(folder)
+    assert set(dataset.shape_meta["obs"]) == {"state"}  # the reward is no policy input
+    back = import_dataset(dataset, tmp_path / "back.zarr", progress=False)
+    assert_same_store(direct, back)  # `reward` again, bit-exact
 
 
 def test_store_to_v3_to_store_round_trip(store, folder, tmp_path):
@@ -403,7 +427,7 @@ def test_reads_a_dataset_written_by_lerobot(tmp_path, capsys):
     for key in ("state", "environment_state"):
         np.testing.assert_array_equal(store[key][:], expected[f"observation_{key}"])
     np.testing.assert_array_equal(store["action"][:], expected["action"])
-    np.testing.assert_array_equal(store["next_reward"][:, 0], expected["next_reward"])
+    np.testing.assert_array_equal(store["reward"][:, 0], expected["next_reward"])
     tasks = store.attrs["source"]["tasks"]
     assert [tasks[i] for i in store["task_index"][:]] == expected["task"].tolist()
     assert main(["dataset", "info", str(FIXTURE)]) == 0

