@@ -5,11 +5,12 @@ feature maps are cached once per frame (policy.vision.cache_features), issue 39 
 
 Per backbone: input size (after the preset's resize / centre crop), parameters, milliseconds per frame of
 the backbone alone (a batch of --frames frames, one thread), the peak rise of the process's resident
-memory during that batch, the bytes per frame of its feature map (the cache stores 16-bit maps), training
-samples/s (--batch windows of 2 steps x 2 cameras + 6 joints; the compact CNN trains end to end on frames,
-the ViTs train their keypoint heads and the U-Net on cached maps), and what caching the SO-101 dataset
-costs (82k frames x 2 cameras: minutes at this speed on one thread, and gigabytes; / 3 with a dataset
-subsampled 3x at import).
+memory while it runs (after a warm-up batch), the bytes per frame of its feature map (the cache stores
+16-bit maps), training samples/s (--batch windows of 2 steps x 2 cameras + 6 joints; the compact CNN
+trains end to end on frames, the ViTs train their keypoint heads and the U-Net on cached maps; data
+loading not included), and what caching the SO-101 dataset costs (82k frames x 2 cameras: minutes at
+this speed on one thread, and gigabytes; data.frame_stride keeps every phase, so every frame is cached
+whatever the stride).
 
 Times are CPU seconds of this process (time.process_time, one thread), not wall time, so that a machine
 shared with other jobs inflates them less; they still share caches and memory bandwidth. The ViTs have
@@ -110,11 +111,10 @@ def backbone_ms(policy, frames: int, repeats: int) -> tuple[float, float]:
     with torch.inference_mode():
         encoder.feature_map(x, "top")  # warm-up
         with PeakRss() as mem:
-            encoder.feature_map(x, "top")
-        t0 = time.process_time()
-        for _ in range(repeats):
-            encoder.feature_map(x, "top")
-        seconds = time.process_time() - t0
+            t0 = time.process_time()
+            for _ in range(repeats):
+                encoder.feature_map(x, "top")
+            seconds = time.process_time() - t0
     return 1e3 * seconds / (repeats * frames), mem.rise_mb
 
 
@@ -143,11 +143,11 @@ def train_samples_per_s(policy, cfg, batch: int, steps: int) -> tuple[float, flo
 
     step()  # warm-up (and AdamW state)
     with PeakRss() as mem:
-        step()
-    t0 = time.process_time()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.process_time() - t0), mem.rise_mb
+        t0 = time.process_time()
+        for _ in range(steps):
+            step()
+        seconds = time.process_time() - t0
+    return batch * steps / seconds, mem.rise_mb
 
 
 def main() -> None:
@@ -166,8 +166,8 @@ def main() -> None:
         "cameras"
     )
     print(
-        "| backbone | input | params | ms/frame | peak mem, 8 frames | map per frame | train samples/s "
-        "(peak mem) | cache SO-101: CPU-min / GB (stride 3) |"
+        "| backbone | input | params | ms/frame | peak mem rise | map per frame | train samples/s "
+        "(peak mem rise) | cache SO-101: CPU-min / GB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, preset, vision in picked:
@@ -184,7 +184,7 @@ def main() -> None:
             per_frame = cache_bytes(1, shape, encoder.cache_dtype)
             total = cache_bytes(SO101_FRAMES * len(CAMERAS), shape, encoder.cache_dtype) / 1e9
             minutes = ms * SO101_FRAMES * len(CAMERAS) / 6e4
-            cache = f"{minutes:.0f} / {total:.1f} ({minutes / 3:.0f} / {total / 3:.1f})"
+            cache = f"{minutes:.0f} / {total:.1f}"
             mapcol = f"{'x'.join(map(str, shape))}, {per_frame / 1e3:.1f} kB"
         else:
             cache, mapcol = "- (trains on frames)", f"{'x'.join(map(str, shape))} (fp32, not stored)"

@@ -17,7 +17,7 @@ from conftest import TINY  # noqa: E402
 from diffpolicy.config import ConfigError, load_config, validate  # noqa: E402
 from diffpolicy.data.episodes import EpisodeStore  # noqa: E402
 from diffpolicy.data.normalize import Normalizer  # noqa: E402
-from diffpolicy.data.sequence import SequenceDataset, features_key  # noqa: E402
+from diffpolicy.data.sequence import SequenceDataset, features_key, prepare_obs  # noqa: E402
 from diffpolicy.policy import load_policy, make_policy, normalizer_spec  # noqa: E402
 from diffpolicy.training.feature_cache import build_or_open  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_dataset_hands_the_cached_maps_of_the_window_rows(tmp_path):
             expected = plain.get_batch(np.arange(len(plain)))
             assert "top" not in batch["obs"] and torch.equal(batch["obs"]["side"], expected["obs"]["side"])
             got = batch["obs"][features_key("top")]
-            want = torch.from_numpy(top[got.numpy()]).permute(0, 1, 4, 2, 3).float() / 255
+            want = torch.from_numpy(prepare_obs(top[got.numpy()], "rgb"))
             assert torch.equal(want, expected["obs"]["top"])
             assert torch.equal(feat[3]["obs"][features_key("top")], got[3])
 

@@ -16,7 +16,9 @@ Backbones (`vision.backbone`):
 - "timm:<name>": any timm model that has `forward_intermediates` (ViTs such as DINOv2 or SigLIP, or
   ConvNets); its last feature map feeds the keypoints.
 Pretrained weights are loaded only from a local file, never downloaded; `vision.freeze_backbone` keeps
-them fixed.
+them fixed, and `vision.cache_features` then has training read each frame's feature map from a cache
+computed once (training/feature_cache.py) through `RgbEncoder.feature_map`, the same function the on-line
+forward uses; the crop is then centred in training too.
 """
 
 from __future__ import annotations
