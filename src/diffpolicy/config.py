@@ -208,6 +208,14 @@ class VisionConfig:
     share_backbone: bool = False
     num_keypoints: int = 32
     feature_dim: int = 64
+    # Training computes the frozen backbone's feature map once per stored frame and camera, caches it on
+    # disk (training/feature_cache.py) and trains only the keypoint heads and the noise net on the cached
+    # maps. Needs freeze_backbone and color_jitter 0; the crop is the centre crop in training too (one
+    # deterministic view per frame). Checkpoints still hold the backbone: inference runs it on the images.
+    cache_features: bool = False
+    # Where the cache files go (default <run_dir>/feature_cache). The file names hash the dataset, the
+    # backbone's weights and the preprocessing, so runs may share a folder and a stale file is never read.
+    feature_cache_dir: str | None = None
 
 
 @dataclass
@@ -713,6 +721,16 @@ def _validate_vision(v: VisionConfig) -> None:
         raise ConfigError(f"policy.vision.color_jitter must be in [0, 1), got {v.color_jitter}")
     if v.num_keypoints < 1 or v.feature_dim < 1:
         raise ConfigError("policy.vision.num_keypoints and policy.vision.feature_dim must be >= 1")
+    if v.cache_features and not v.freeze_backbone:
+        raise ConfigError(
+            "policy.vision.cache_features=true needs policy.vision.freeze_backbone=true: the features of a "
+            "backbone that trains change every step and cannot be computed once"
+        )
+    if v.cache_features and v.color_jitter > 0:
+        raise ConfigError(
+            f"policy.vision.cache_features=true caches one view per frame, so colour jitter "
+            f"(policy.vision.color_jitter={v.color_jitter}) cannot be applied: set it to 0"
+        )
 
 
 def _overlap(start_a: int, n_a: int, start_b: int, n_b: int) -> bool:

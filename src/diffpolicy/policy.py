@@ -36,6 +36,7 @@ from diffpolicy.config import (
     TrainConfig,
 )
 from diffpolicy.data.normalize import Normalizer
+from diffpolicy.data.sequence import features_key
 from diffpolicy.models.vision import ObsEncoder
 
 
@@ -200,9 +201,16 @@ class BasePolicy(nn.Module):
 
     # ----- conditioning -------------------------------------------------------------------------
     def encode_obs(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Normalize and encode the last n_obs_steps observations: (B, To, F)."""
-        window = {}
+        """Normalize and encode the last n_obs_steps observations: (B, To, F).
+
+        A camera key may come as its cached backbone feature maps instead (`obs[features_key(key)]`,
+        (B, T, C', h, w), policy.vision.cache_features in training): those skip the normalizer and the
+        backbone."""
+        window, features = {}, {}
         for key in self.shape_meta["obs"]:
+            if key not in obs and features_key(key) in obs:
+                features[key] = obs[features_key(key)][:, -self.n_obs_steps :]
+                continue
             if key not in obs:
                 raise KeyError(f"observation key '{key}' is missing (got {sorted(obs)})")
             x = obs[key]
@@ -216,7 +224,7 @@ class BasePolicy(nn.Module):
             # contiguous: bf16 convolutions round differently per memory layout, and a policy's actions
             # must not depend on how the caller laid out its arrays (channels-last frames, a served copy)
             window[key] = x.contiguous()
-        return self.obs_encoder(self.normalizer.normalize_obs(window))
+        return self.obs_encoder(self.normalizer.normalize_obs(window), features)
 
     def check_inputs(self, obs: dict[str, Any]) -> None:
         """Check an observation window handed to predict_action, in the caller's terms: torch tensors on

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ __all__ = [
     "SPLIT_RULES",
     "SequenceDataset",
     "apply_short_rule",
+    "features_key",
     "prepare_obs",
     "split_episodes",
     "split_store",
@@ -64,6 +65,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OBS_TYPES = ("low_dim", "rgb")
+FEATURES_SUFFIX = "@features"
+
+
+def features_key(key: str) -> str:
+    """The batch entry that carries camera `key`'s cached backbone feature maps in place of its frames
+    (policy.vision.cache_features; BasePolicy.encode_obs reads it)."""
+    return key + FEATURES_SUFFIX
+
+
+# rows of the store (1-D or 2-D int64 array) -> their cached feature maps as one tensor (*rows.shape, C, h, w)
+FeatureGather = Callable[[np.ndarray], torch.Tensor]
 SHORT_EPISODES = ("pad", "skip", "error")  # what to do with episodes shorter than the horizon
 SPLIT_RULES = ("auto", "random")  # auto: the dataset's own train/valid split when it has one
 
@@ -255,7 +267,10 @@ class SequenceDataset(Dataset):
         short_episodes: str = "pad",
         mask_padded_actions: bool = False,
         frame_stride: int = 1,
+        feature_keys: Sequence[str] = (),
     ):
+        """`feature_keys`: camera keys whose frames are not read: their items carry cached backbone
+        feature maps (`features_key(key)`) from the gathers `attach_features` is given."""
         for name, value in (
             ("horizon", horizon),
             ("n_obs_steps", n_obs_steps),
@@ -286,6 +301,8 @@ class SequenceDataset(Dataset):
         self.short_episodes = short_episodes
         self.mask_padded_actions = bool(mask_padded_actions)
         self.frame_stride = int(frame_stride)
+        self.feature_keys = sorted(feature_keys)
+        self._features: dict[str, FeatureGather] = {}
 
         if isinstance(store, EpisodeStore):
             self._store: EpisodeStore | None = store
@@ -299,6 +316,9 @@ class SequenceDataset(Dataset):
                 f"episode store {_store_name(self._store)} holds no episodes (nothing to train on)"
             )
         self.obs_types, self.obs_shapes, self.action_dim = self._check_shape_meta(shape_meta, self._store)
+        not_rgb = [k for k in self.feature_keys if self.obs_types.get(k) != "rgb"]
+        if not_rgb:
+            raise ValueError(f"feature_keys {not_rgb} are not camera (rgb) keys of shape_meta")
         for key, obs_type in self.obs_types.items():
             if obs_type == "rgb" and self._store[key].dtype.kind == "f":
                 self._check_float_frames(key)
@@ -442,7 +462,34 @@ class SequenceDataset(Dataset):
 
     # ------------------------------------------------------------------ data access
     def _needed_keys(self) -> list[str]:
-        return sorted({*self.obs_types, self.action_key})
+        return sorted({*self.obs_types, self.action_key} - set(self.feature_keys))
+
+    def attach_features(self, gathers: Mapping[str, FeatureGather]) -> None:
+        """Give every key of `feature_keys` its cached feature maps, as a function of store rows."""
+        missing = [k for k in self.feature_keys if k not in gathers]
+        if missing:
+            raise ValueError(f"no cached features given for {missing}")
+        self._features = {k: gathers[k] for k in self.feature_keys}
+
+    def _obs_entries(self, obs_rows: np.ndarray, ep: np.ndarray) -> dict[str, torch.Tensor]:
+        """The observation entries of sample rows `obs_rows` (rows of the sample source, (To,) or (B, To))
+        of dataset episodes `ep` (scalar or (B, 1)): frames / low-dim values, or cached feature maps."""
+        obs: dict[str, torch.Tensor] = {}
+        for key, obs_type in self.obs_types.items():
+            if key in self.feature_keys:
+                if key not in self._features:
+                    raise RuntimeError(
+                        f"camera '{key}' reads cached features, but none were attached (attach_features)"
+                    )
+                store_rows = obs_rows - self._bases[ep] + self._ep_starts[ep]
+                obs[features_key(key)] = self._features[key](store_rows)
+                continue
+            if self._cache is not None and obs_rows.ndim == 2:
+                frames = self._cache[key][obs_rows]
+            else:
+                frames = self._read_rows(key, obs_rows - self._bases[ep], int(self._bases[ep]))
+            obs[key] = torch.from_numpy(np.ascontiguousarray(prepare_obs(frames, obs_type)))
+        return obs
 
     def _get_store(self) -> EpisodeStore:
         # In a DataLoader worker (unpickled, or forked: a zip file handle must not be shared across
@@ -522,10 +569,7 @@ class SequenceDataset(Dataset):
         k = self.frame_stride
 
         obs_steps = np.clip(np.arange(first, t + 1), 0, length - 1)
-        obs: dict[str, torch.Tensor] = {}
-        for key, obs_type in self.obs_types.items():
-            frames = self._read_rows(key, k * obs_steps, base)
-            obs[key] = torch.from_numpy(np.ascontiguousarray(prepare_obs(frames, obs_type)))
+        obs = self._obs_entries(base + k * obs_steps, self._sub_ep[self._sample_sub[i]])
 
         raw_steps = np.arange(first, first + self.horizon)
         actions = self._read_rows(self.action_key, k * np.clip(raw_steps, 0, length - 1), base)
@@ -562,10 +606,7 @@ class SequenceDataset(Dataset):
         k = self.frame_stride
         first = self._sample_t[idx][:, None] - self.n_obs_steps + 1
         obs_rows = base + k * np.clip(first + np.arange(self.n_obs_steps), 0, length - 1)  # (B, To)
-        obs = {
-            key: torch.from_numpy(np.ascontiguousarray(prepare_obs(self._cache[key][obs_rows], obs_type)))
-            for key, obs_type in self.obs_types.items()
-        }
+        obs = self._obs_entries(obs_rows, self._sub_ep[self._sample_sub[idx]][:, None])
         raw_steps = first + np.arange(self.horizon)  # (B, H)
         actions = self._cache[self.action_key][base + k * np.clip(raw_steps, 0, length - 1)]
         return self._item(obs, actions, raw_steps, length)

@@ -31,6 +31,8 @@ class DistillTrainer(Trainer):
     """
 
     num_steps_key = "distill.num_steps"  # train.num_steps cannot be set in a distillation run
+    # The student, teacher and target networks see one view of the frames (one_view), not cached maps.
+    reads_cached_features = False
 
     def _load_teacher(self) -> DiffusionPolicy:
         """distill.teacher, checked against this run's task; also kept as self.teacher."""

@@ -16,7 +16,9 @@ Backbones (`vision.backbone`):
 - "timm:<name>": any timm model that has `forward_intermediates` (ViTs such as DINOv2 or SigLIP, or
   ConvNets); its last feature map feeds the keypoints.
 Pretrained weights are loaded only from a local file, never downloaded; `vision.freeze_backbone` keeps
-them fixed.
+them fixed, and `vision.cache_features` then has training read each frame's feature map from a cache
+computed once (training/feature_cache.py) through `RgbEncoder.feature_map`, the same function the on-line
+forward uses; the crop is then centred in training too.
 """
 
 from __future__ import annotations
@@ -229,11 +231,13 @@ class RgbEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.heads = nn.ModuleDict()
+        self.feature_shapes: dict[str, tuple[int, int, int]] = {}  # (C', h, w) of each camera's maps
         for key in self.keys:
             backbone = self.backbones["shared" if cfg.share_backbone else key]
             with torch.no_grad():
                 probe = backbone(torch.zeros(1, shapes[key][0], *self.crop[key]))
             _, channels, fh, fw = probe.shape
+            self.feature_shapes[key] = (channels, fh, fw)
             self.heads[key] = nn.Sequential(
                 SpatialSoftmax(channels, fh, fw, cfg.num_keypoints),
                 nn.Linear(cfg.num_keypoints * 2, cfg.feature_dim),
@@ -248,29 +252,56 @@ class RgbEncoder(nn.Module):
         return self
 
     def preprocess(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        """Resize, crop and (in training) jitter one camera's window (B, T, C, H, W), values in [-1, 1]."""
+        """Resize, crop and (in training) jitter one camera's window (B, T, C, H, W), values in [-1, 1].
+
+        With `vision.cache_features` the crop is centred in training too: the cached feature maps are of
+        the one deterministic view (validate() refuses colour jitter with the cache)."""
         if self.given_view:
             return x
         if self.resize and tuple(x.shape[-2:]) != self.resize:
             B, T = x.shape[:2]
             x = F.interpolate(x.flatten(0, 1), size=self.resize, mode="bilinear", antialias=True)
             x = x.view(B, T, *x.shape[1:])
-        x = crop_windows(x, self.crop[key], random=self.training)
+        x = crop_windows(x, self.crop[key], random=self.training and not self.cfg.cache_features)
         if self.training and self.cfg.color_jitter > 0:
             x = jitter_windows(x, self.cfg.color_jitter)
         return x
 
-    def forward(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype `vision.cache_features` stores feature maps in: bf16 under bf16 precision, else fp16
+        (half the bytes of fp32; a ViT-S map of 6x9 patches is 41 KB per frame in 16 bits)."""
+        return torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+
+    def feature_map(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """One camera's window (B, T, C, H, W) in [-1, 1] -> the backbone's feature maps (B, T, C', h, w):
+        preprocess, ImageNet normalization, the backbone at `vision.precision`; with
+        `vision.cache_features` rounded to `cache_dtype`, on-line as in the cache, so that a policy
+        trained on cached maps sees the same numbers at inference.
+
+        The one path from pixels to the keypoint heads' input: `forward` calls it on-line, and the
+        feature cache (training/feature_cache.py) calls it once per stored frame."""
+        x = self.preprocess(x, key)
+        B, T = x.shape[:2]
+        x = x.flatten(0, 1)
+        if self.cfg.imagenet_norm:
+            x = ((x + 1) * 0.5 - self.mean) / self.std
+        backbone = self.backbones["shared" if self.cfg.share_backbone else key]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            fmap = backbone(x)
+        if self.cfg.cache_features:
+            fmap = fmap.to(self.cache_dtype)
+        return fmap.reshape(B, T, *fmap.shape[1:])
+
+    def forward(
+        self, images: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Per camera: `features[key]` (cached feature maps, (B, T, C', h, w)) when given, else the
+        backbone on `images[key]`; then the keypoint head."""
         feats = []
         for key in self.keys:
-            x = self.preprocess(images[key], key)
-            B, T = x.shape[:2]
-            x = x.flatten(0, 1)
-            if self.cfg.imagenet_norm:
-                x = ((x + 1) * 0.5 - self.mean) / self.std
-            backbone = self.backbones["shared" if self.cfg.share_backbone else key]
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-                fmap = backbone(x)
-            f = self.heads[key](fmap.float())
+            fmap = features[key] if features and key in features else self.feature_map(images[key], key)
+            B, T = fmap.shape[:2]
+            f = self.heads[key](fmap.flatten(0, 1).float())
             feats.append(f.view(B, T, -1))
         return torch.cat(feats, dim=-1)

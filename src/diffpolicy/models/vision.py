@@ -40,25 +40,32 @@ class ObsEncoder(nn.Module):
         if self.output_dim == 0:
             raise ValueError("the observation spec has no keys: nothing to condition the policy on")
 
-    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, obs: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`features`: cached backbone feature maps (B, T, C', h, w) of some camera keys (policy.vision.
+        cache_features), which then need no frames in `obs`."""
+        features = features or {}
         lead: tuple[int, ...] | None = None
         for key in self.low_dim_keys + self.rgb_keys:
-            if key not in obs:
+            if key in features:
+                x, want = features[key], self.rgb.feature_shapes[key]
+                what = f"cached features of '{key}'"
+            elif key not in obs:
                 raise KeyError(f"observation key '{key}' is missing (got {sorted(obs)})")
-            x = obs[key]
-            want = self.shapes[key]
-            if key in self.rgb_keys and self.rgb.given_view:  # already resized and cropped (one_view)
-                want = (want[0], *self.rgb.crop[key])
+            else:
+                x, want, what = obs[key], self.shapes[key], f"observation '{key}'"
+                if key in self.rgb_keys and self.rgb.given_view:  # already resized and cropped (one_view)
+                    want = (want[0], *self.rgb.crop[key])
             if x.dim() != 2 + len(want) or tuple(x.shape[2:]) != want:
                 raise ValueError(
-                    f"observation '{key}' must have shape (B, T, {', '.join(map(str, want))}), "
-                    f"got {tuple(x.shape)}"
+                    f"{what} must have shape (B, T, {', '.join(map(str, want))}), got {tuple(x.shape)}"
                 )
             if lead is None:
                 lead = tuple(x.shape[:2])
             elif tuple(x.shape[:2]) != lead:
-                raise ValueError(f"observation '{key}' has batch/time {tuple(x.shape[:2])}, others {lead}")
+                raise ValueError(f"{what} has batch/time {tuple(x.shape[:2])}, others {lead}")
         feats = [obs[k] for k in self.low_dim_keys]
         if self.rgb is not None:
-            feats.append(self.rgb({k: obs[k] for k in self.rgb_keys}))
+            feats.append(self.rgb({k: obs[k] for k in self.rgb_keys if k not in features}, features))
         return torch.cat(feats, dim=-1)

@@ -147,8 +147,10 @@ def make_dataset(
     store: EpisodeStore | str | Path,
     shape_meta: dict[str, Any],
     episodes: Sequence[int] | None = None,
+    feature_keys: Sequence[str] = (),
 ) -> SequenceDataset:
-    """The training windows a run reads from `store` (its policy's horizon / steps, its data settings)."""
+    """The training windows a run reads from `store` (its policy's horizon / steps, its data settings);
+    `feature_keys`: cameras read as cached backbone features (policy.vision.cache_features)."""
     p = cfg.policy
     return SequenceDataset(
         store,
@@ -163,6 +165,7 @@ def make_dataset(
         short_episodes=cfg.data.short_episodes,
         mask_padded_actions=cfg.data.mask_padded_actions,
         frame_stride=cfg.data.frame_stride,
+        feature_keys=feature_keys,
     )
 
 
@@ -226,6 +229,8 @@ RESUMABLE_CHANGES = (
 class Trainer:
     # The key that sets train.num_steps on the command line, for messages (a distillation's is its own).
     num_steps_key = "train.num_steps"
+    # Whether policy.vision.cache_features applies (distillation hands its networks frames: one_view).
+    reads_cached_features = True
 
     def __init__(
         self,
@@ -459,8 +464,11 @@ class Trainer:
                 f" ({rate})" if rate else "",
                 cfg.data.frame_stride,
             )
-        self.train_set = make_dataset(cfg, store, self.shape_meta, train_ids)
-        self.val_set = make_dataset(cfg, store, self.shape_meta, val_ids) if len(val_ids) else None
+        cached = [k for k, m in self.shape_meta["obs"].items() if m.get("type") == "rgb"]
+        if not (cfg.policy.vision.cache_features and self.reads_cached_features):
+            cached = []
+        self.train_set = make_dataset(cfg, store, self.shape_meta, train_ids, cached)
+        self.val_set = make_dataset(cfg, store, self.shape_meta, val_ids, cached) if len(val_ids) else None
         log.info(
             "data %s: %d episodes (%d train, %d val), %d training windows",
             path,
@@ -505,6 +513,14 @@ class Trainer:
         self.optimizer = make_optimizer(self.policy.optim_groups(cfg.train), cfg.train, self.device)
         self.lr_schedule = make_lr_schedule(self.optimizer, cfg.train)
         self.ema = EMA(self.policy, cfg.train.ema) if cfg.train.ema.enabled and self.is_main else None
+        v = cfg.policy.vision
+        if v.freeze_backbone and not v.pretrained_weights and self.policy.obs_encoder.rgb is not None:
+            log.warning(
+                "policy.vision.freeze_backbone with no policy.vision.pretrained_weights: the %s backbone "
+                "keeps its RANDOM initial weights. Fine to measure speed; for a real policy pass "
+                "policy.vision.pretrained_weights=/path/to/weights (a local file; nothing is downloaded)",
+                v.backbone,
+            )
         n_params = sum(p.numel() for p in self.policy.parameters())
         log.info(
             "policy %s/%s: %.2fM parameters on %s",
@@ -513,6 +529,27 @@ class Trainer:
             n_params / 1e6,
             self.device,
         )
+
+    def _attach_feature_cache(self) -> None:
+        """policy.vision.cache_features: the frozen backbone's maps of every stored frame, computed once
+        (rank 0 first, the others then open its files) and handed to the datasets in place of frames."""
+        from diffpolicy.training.feature_cache import build_or_open
+
+        v = self.cfg.policy.vision
+        folder = Path(v.feature_cache_dir) if v.feature_cache_dir else self.run_dir / "feature_cache"
+        log.info(
+            "policy.vision.cache_features: training reads cached %s feature maps (the centre crop, as at "
+            "inference: no random crop); checkpoints keep the backbone and run it on camera frames",
+            v.backbone,
+        )
+        if self.world_size > 1 and not self.is_main:
+            dist.barrier()
+        gathers = build_or_open(self.policy, self.train_set.store, folder)
+        if self.world_size > 1 and self.is_main:
+            dist.barrier()
+        self.train_set.attach_features(gathers)
+        if self.val_set is not None:
+            self.val_set.attach_features(gathers)
 
     @property
     def eval_policy(self) -> BasePolicy:
@@ -654,6 +691,8 @@ class Trainer:
                 self._restore(state)
                 start = int(state["step"])
                 log.info("resumed from %s at step %d", path, start)
+            if self.train_set.feature_keys:
+                self._attach_feature_cache()
             if self.is_main:
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
             sampler = EpochBatchSampler(
