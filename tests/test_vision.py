@@ -112,6 +112,20 @@ def test_bf16_backbone_matches_fp32_closely():
     assert all(p.grad is not None for p in bf16.backbones.parameters())
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_precision_uses_bf16_only_where_the_cpu_is_fast_at_it(monkeypatch, fast):
+    # bf16 is emulated on AVX2-only CPUs (24x slower for the compact CNN): "auto" must then stay fp32
+    import diffpolicy.models.rgb as rgb
+
+    monkeypatch.setattr(rgb, "cpu_has_fast_bf16", lambda: fast)
+    enc = RgbEncoder(
+        {"cam": (3, 32, 32)}, VisionConfig(backbone="compact", crop_shape=None, precision="auto")
+    ).eval()
+    fmap = enc.feature_map(torch.rand(1, 1, 3, 32, 32) * 2 - 1, "cam")
+    assert fmap.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert rgb.backbone_bf16("bf16", "cpu") and not rgb.backbone_bf16("fp32", "cpu")
+
+
 def test_unknown_backbones_and_bad_settings_are_named():
     with pytest.raises(ValueError, match="unknown vision.backbone 'vgg11'"):
         RgbEncoder({"cam": (3, 32, 32)}, VisionConfig(backbone="vgg11", crop_shape=None))

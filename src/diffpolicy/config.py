@@ -195,7 +195,8 @@ class VisionConfig:
     freeze_backbone: bool = False  # keep the backbone's weights fixed (train only keypoints and heads)
     use_group_norm: bool = True
     # Precision of the backbone's convolutions (training and inference); keypoints and heads stay fp32.
-    # bf16 runs the backbone under autocast: 2.5x faster on CPUs with AVX512-BF16 / AMX, and on GPUs.
+    # bf16 runs the backbone under autocast: 2.5x faster on CPUs with AVX512 / AMX, and on GPUs, but
+    # emulated (~24x slower) on AVX2-only CPUs; "auto" picks bf16 only where it is fast (rgb.backbone_bf16).
     precision: str = "fp32"
     cnn_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])  # "compact": per conv layer
     cnn_strides: list[int] = field(default_factory=lambda: [2, 1, 2, 1])  # "compact": per conv layer
@@ -441,7 +442,7 @@ _CHOICES = {
     "distill.top_target": ("ode", "ddim"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.mixed_precision": ("no", "bf16"),
-    "policy.vision.precision": ("fp32", "bf16"),
+    "policy.vision.precision": ("fp32", "bf16", "auto"),
     "eval.precision": PRECISIONS,
     "eval.compile": COMPILE_MODES,
 }

@@ -36,6 +36,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def backbone_bf16(precision: str, device_type: str) -> bool:
+    """Whether the backbone runs under bf16 autocast for `vision.precision` on this device type.
+
+    "auto" picks bf16 only where it is fast: CUDA GPUs that support it, and CPUs whose oneDNN has native
+    bf16 kernels (AVX512 or AMX). On an AVX2-only CPU bf16 is emulated and measured 24x slower than fp32
+    for the compact CNN (docs/research/so101_grasp.md), so "auto" stays fp32 there."""
+    if precision == "auto":
+        if device_type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return device_type == "cpu" and cpu_has_fast_bf16()
+    return precision == "bf16"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """oneDNN's own test for native bf16 kernels on this CPU (AVX512 BW/VL/DQ or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class SpatialSoftmax(nn.Module):
     """Feature map (B, C, H, W) -> expected image coordinates of K learned keypoints, (B, K * 2).
 
@@ -287,7 +305,8 @@ class RgbEncoder(nn.Module):
         if self.cfg.imagenet_norm:
             x = ((x + 1) * 0.5 - self.mean) / self.std
         backbone = self.backbones["shared" if self.cfg.share_backbone else key]
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+        bf16 = backbone_bf16(self.cfg.precision, x.device.type)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             fmap = backbone(x)
         if self.cfg.cache_features:
             fmap = fmap.to(self.cache_dtype)
