@@ -39,6 +39,7 @@ SO101_FOLLOWER_JOINTS = [
 def robot(**kwargs) -> So101FollowerSim:
     kwargs.setdefault("image_height", 48)
     kwargs.setdefault("image_width", 64)
+    kwargs.setdefault("reset_idle_s", 1e6)  # no reset phase unless a test wants one (the box may stall)
     r = make_robot_from_config(So101FollowerSimConfig(**kwargs))
     r.connect()
     return r
@@ -133,22 +134,26 @@ def test_expert_succeeds_and_is_reported(tmp_path, caplog):
     assert "SUCCESS" in caplog.text and "1/1 episodes succeeded" in caplog.text
 
 
-def test_step_limit_then_reset_phase_lays_out_next_episode(tmp_path):
-    r = robot(camera_names=[], seed=3, max_episode_steps=5, reset_idle_s=0.05, privileged_state=True)
+def test_step_limit_then_reset_phase_lays_out_next_episode():
+    r = robot(camera_names=[], seed=3, max_episode_steps=5, reset_idle_s=0.5, privileged_state=True)
     first = r.get_observation()
     for _ in range(5):
         r.send_action({"gripper.pos": 30.0})
     assert [(o.success, o.reason, o.steps) for o in r.outcomes] == [(False, "step_limit", 5)]
-    r.get_observation()  # right after an action: the same episode
+    time.sleep(0.7)
+    r.get_observation()  # one observation after an action, however late: a policy step, same episode
     assert r.episode == 0
-    time.sleep(0.1)  # the reset phase: no action for longer than reset_idle_s
-    second = r.get_observation()
+    second = r.get_observation()  # observing on without acting, 0.7 s after the last action: reset phase
     assert r.episode == 1
     assert second["gripper.pos"] == pytest.approx(HOME[5], abs=1e-6)  # home again
     assert first["bowl.x.pos"] != second["bowl.x.pos"] or first["eraser.x.pos"] != second["eraser.x.pos"]
+    r.get_observation()  # the new episode has not started: no further layout
+    assert r.episode == 1
     r.send_action({"gripper.pos": 30.0})
-    time.sleep(0.1)
+    time.sleep(0.7)
+    r.get_observation()
     r.get_observation()  # episode 1 cut short by the next reset phase: a failure
+    assert r.episode == 2
     assert [o.reason for o in r.outcomes] == ["step_limit", "cut_short"] and r.success_rate == 0.0
     r.disconnect()
 
@@ -168,7 +173,7 @@ def test_lerobot_rollout_records_episodes(tmp_path, so101_state_ckpt):
         "--robot.image_height=48",
         "--robot.image_width=64",
         "--robot.max_episode_steps=10",
-        "--robot.reset_idle_s=0.3",
+        "--robot.reset_idle_s=0.5",
         f"--robot.results_path={results}",
         f"--policy.path={so101_state_ckpt}",
         "--policy.device=cpu",
@@ -178,7 +183,7 @@ def test_lerobot_rollout_records_episodes(tmp_path, so101_state_ckpt):
         "--dataset.single_task=grasp the object",
         "--dataset.num_episodes=2",
         "--dataset.episode_time_s=2",
-        "--dataset.reset_time_s=1",
+        "--dataset.reset_time_s=2",
         "--dataset.video=false",
         "--dataset.push_to_hub=false",
         "--fps=30",

@@ -29,8 +29,9 @@ class So101FollowerSimConfig(RobotConfig):
     privileged_state: bool = False
     seed: int = 0  # episode k lays out the scene with seed + k (diffpolicy eval's seeds for the same task)
     max_episode_steps: int | None = None  # None: the task's 15 / 20 / 25 s at 30 Hz for 1 / 2 / 3 objects
-    # A get_observation() this long after the last send_action() of a started episode lays out the next
-    # episode: lerobot-rollout's reset phase (--dataset.reset_time_s) sends no action, so it must be longer.
+    # A second get_observation() without an action in between, this long after the last send_action() of a
+    # started episode, lays out the next episode: lerobot-rollout's reset phase (--dataset.reset_time_s)
+    # observes without acting, so it must last longer than this.
     reset_idle_s: float = 1.0
     results_path: Path | None = None  # JSON lines, one per finished episode (also logged)
 

@@ -11,9 +11,10 @@ keeps moving while the policy thinks; this one waits, so a slow policy sees the 
 
 Episodes: LeRobot's recording loops end an episode by wall-clock time (--dataset.episode_time_s) and then
 run a reset phase that sends no action (--dataset.reset_time_s); a robot is not told either. This one:
-- lays out episode k with seed `seed + k` (objects, container) at connect() and on the first
-  get_observation() that comes more than `reset_idle_s` after the last send_action() of a started episode
-  (the reset phase), the arm at the task's home pose;
+- lays out episode k with seed `seed + k` (objects, container) at connect() and, once an episode has
+  started, on the second get_observation() without a send_action() in between that comes more than
+  `reset_idle_s` after the last send_action() (the reset phase: the recording loops observe once per
+  action, the reset loop observes on and on), the arm at the task's home pose;
 - decides each episode's outcome as diffpolicy's evaluator does: success as soon as every object rests in
   the container (touching neither jaw), failure when the task's step limit passes first (or when the next
   episode starts before either, i.e. episode_time_s was too short for the limit at this machine's speed:
@@ -100,6 +101,7 @@ class So101FollowerSim(Robot):
         self._steps = 0
         self._decided = False
         self._last_action_t: float | None = None
+        self._obs_since_action = 0
         self._target = np.zeros(len(JOINTS))
 
     # ------------------------------------------------------------------------------------------ features
@@ -235,7 +237,14 @@ class So101FollowerSim(Robot):
         Lays out the next episode first when the reset phase has passed (see the module docstring)."""
         env = self._require_env()
         last = self._last_action_t
-        if last is not None and time.perf_counter() - last > self.config.reset_idle_s:
+        self._obs_since_action += 1
+        # the second observation without an action in between, long after the last one: the reset phase (a
+        # policy step observes once per action, so a stall inside an episode cannot look like it)
+        if (
+            last is not None
+            and self._obs_since_action >= 2
+            and time.perf_counter() - last > self.config.reset_idle_s
+        ):
             self.new_episode()
         obs: dict[str, Any] = dict(zip(joint_features(), map(float, env.joint_positions()), strict=True))
         if self.config.privileged_state:
@@ -267,6 +276,7 @@ class So101FollowerSim(Robot):
         env.apply(self._target)
         self._steps += 1
         self._last_action_t = time.perf_counter()
+        self._obs_since_action = 0
         done = env.n_placed() == len(env.layout.present) or self._steps >= self.max_episode_steps
         if done and not self._decided:
             self._finish(cut_short=False)
