@@ -18,7 +18,7 @@ from lerobot.envs.configs import EnvConfig
 from lerobot.envs.factory import make_env, make_env_config
 from lerobot.envs.utils import env_to_policy_features, preprocess_observation
 from lerobot.policies import make_policy, make_pre_post_processors
-from lerobot.processor import PolicyProcessorPipeline
+from lerobot.processor.factory import make_policy_processor_pipelines
 from lerobot.scripts.lerobot_eval import rollout
 from lerobot.utils.import_utils import register_third_party_plugins
 
@@ -136,9 +136,10 @@ def test_success_reaches_lerobot_eval():
     seed = 0
     _, ok = make_task("so101_grasp", n_objects=1).collect_episode(seed)
     assert ok, "the expert is expected to succeed on seed 0"
-    _, envs = vector_env("diffpolicy_so101_grasp", n_objects=1, obs_type="state")
-    identity = PolicyProcessorPipeline(steps=[])
-    out = rollout(envs, _ExpertPolicy(envs, seed), identity, identity, identity, identity, seeds=[seed])
+    cfg, envs = vector_env("diffpolicy_so101_grasp", n_objects=1, obs_type="state")
+    env_pre, env_post = cfg.get_env_processors()
+    pre, post = make_policy_processor_pipelines(input_steps=[], output_steps=[])
+    out = rollout(envs, _ExpertPolicy(envs, seed), env_pre, env_post, pre, post, seeds=[seed])
     envs.close()
     assert out["success"].any(dim=1).item()
     assert out["done"].shape[1] < 450  # terminated on success, before the 15 s limit
