@@ -32,7 +32,8 @@ mkdir -p "$OUT/checkpoint"
 cp "$CKPT/config.yaml" "$CKPT/model.safetensors" "$OUT/checkpoint/"
 "$VENV/bin/diffpolicy-lerobot-export" "$OUT/checkpoint" --device cpu
 
-OBS_TYPE="$("$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["task"]["kwargs"].get("obs_type", "state"))' "$OUT/checkpoint/config.yaml")"
+# the run config sits under "run" in a checkpoint's config.yaml
+OBS_TYPE="$("$VENV/bin/python" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); k = c.get("run", c)["task"]["kwargs"]; print(k.get("obs_type", "state"))' "$OUT/checkpoint/config.yaml")"
 ROBOT=(--robot.type=so101_follower_sim --robot.n_objects="$N_OBJECTS" --robot.seed="$SEED"
   --robot.results_path="$OUT/robot_results.jsonl")
 POLICY=(--policy.path="$OUT/checkpoint" --policy.device=cpu)
@@ -40,7 +41,7 @@ if [ "$OBS_TYPE" = state ]; then
   ROBOT+=(--robot.privileged_state=true --robot.camera_names='[]')
   POLICY+=(--policy.feature_map='{"state": "observation.state", "object_pose": "observation.state", "container_pos": "observation.state"}')
 else
-  SHAPE="$("$VENV/bin/python" -c 'import sys, yaml; k = yaml.safe_load(open(sys.argv[1]))["task"]["kwargs"]; s = k.get("image_shape", [240, 320]); print(s[0], s[1], ",".join(k.get("cameras", ["top", "side"])))' "$OUT/checkpoint/config.yaml")"
+  SHAPE="$("$VENV/bin/python" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); k = c.get("run", c)["task"]["kwargs"]; s = k.get("image_shape", [240, 320]); print(s[0], s[1], ",".join(k.get("cameras", ["top", "side"])))' "$OUT/checkpoint/config.yaml")"
   read -r H W CAMS <<<"$SHAPE"
   ROBOT+=(--robot.image_height="$H" --robot.image_width="$W" --robot.camera_names="[$CAMS]")
 fi
