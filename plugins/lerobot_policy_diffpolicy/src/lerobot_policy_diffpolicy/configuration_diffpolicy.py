@@ -29,8 +29,12 @@ POLICY_TYPE = "diffpolicy"
 # Push-T: LeRobot's gym-pusht env (`--env.type=pusht`) gives the agent position as observation.state, the
 # block as observation.environment_state (gym-pusht's 8 T corners; processor_diffpolicy turns them into our
 # 9 keypoints) and the 96x96 camera as observation.image.
+# SO-101 grasp: the joint positions are observation.state (as a real so101_follower's); a state
+# checkpoint's privileged object poses and container position are observation.environment_state,
+# concatenated in that order (the env plugin lerobot_env_diffpolicy builds it from this same table).
 TASK_FEATURES: dict[str, dict[str, str]] = {
     "pusht": {"agent_pos": OBS_STATE, "keypoint": OBS_ENV_STATE, "img": OBS_IMAGE},
+    "so101_grasp": {"state": OBS_STATE, "object_pose": OBS_ENV_STATE, "container_pos": OBS_ENV_STATE},
 }
 
 
