@@ -455,7 +455,7 @@ class Trainer:
             fps = store.attrs.get("fps") or (self.task.fps if self.task is not None else None)
             rate = f"{fps:g} fps / {k} = {fps / k:g} Hz" if fps else ""
             log.info(
-                "data.frame_stride=%d: windows take every %d-th frame (all %d phases kept); the policy acts "
+                "data.frame_stride=%d: windows take one frame in %d (all %d phases kept); the policy acts "
                 "at the dataset's rate / %d%s, holding each action %d control steps",
                 cfg.data.frame_stride,
                 cfg.data.frame_stride,
