@@ -114,6 +114,7 @@ def test_cache_key_changes_with_data_weights_and_preprocessing(tmp_path, caplog)
     build_or_open(policy, store, folder)
     first = stems(folder)
     assert len(first) == 2  # one file per camera
+    caplog.clear()  # an earlier test in this worker may have left the logger at INFO: the first build logged
     with caplog.at_level("INFO", logger="diffpolicy"):
         build_or_open(policy, store, folder)  # same everything: reused, not recomputed
     assert stems(folder) == first and "computing" not in caplog.text and "from" in caplog.text

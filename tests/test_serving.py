@@ -222,7 +222,9 @@ def test_image_policy_chunks_equal_through_server():
     """A bf16 compact-CNN image policy gives bit-identical chunks locally (channels-last-strided frames from
     the controller) and through the server (contiguous off the wire): the policy's actions do not depend on
     the memory layout of its inputs (bf16 convolutions round differently per layout)."""
-    policy = tiny_image_policy(size=96, crop=84)  # at 32x32 the two layouts happened to round alike
+    # bf16 explicitly (the preset's "auto" is fp32 on CPUs without native bf16 kernels); at 32x32 the two
+    # layouts happened to round alike
+    policy = tiny_image_policy("policy.vision.precision=bf16", size=96, crop=84)
     assert policy.cfg.vision.precision == "bf16"
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8) for _ in range(6)]  # (N, H, W, C)
